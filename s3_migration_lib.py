@@ -1091,10 +1091,11 @@ class VersionTable:
         response = self._ddb.update_item(
             TableName=self.name,
             Key={"Key": {"S": job.table_key}},
-            UpdateExpression=("SET versionId = :v, etag = :e, Size = :s, startTime = :t, "
-                              "instanceId = :i, #st = :running, percent = :zero "
-                              "ADD tryTimes :one REMOVE endTime"),
-            ExpressionAttributeNames={"#st": "status"},
+            UpdateExpression=("SET #versionId = :v, #etag = :e, #Size = :s, #startTime = :t, "
+                              "#instanceId = :i, #status = :running, #percent = :zero "
+                              "ADD #tryTimes :one REMOVE #endTime"),
+            ExpressionAttributeNames=_names("versionId", "etag", "Size", "startTime", "instanceId",
+                                            "status", "percent", "tryTimes", "endTime"),
             ExpressionAttributeValues={
                 ":v": {"S": src.version_id or NULL_VERSION}, ":e": {"S": src.etag},
                 ":s": {"N": str(src.size)}, ":t": {"N": str(int(time.time()))},
@@ -1112,9 +1113,9 @@ class VersionTable:
             self._ddb.update_item(
                 TableName=self.name,
                 Key={"Key": {"S": job.table_key}},
-                UpdateExpression="SET #st = :status, endTime = :t, percent = :pct",
-                ConditionExpression="etag = :e",
-                ExpressionAttributeNames={"#st": "status"},
+                UpdateExpression="SET #status = :status, #endTime = :t, #percent = :pct",
+                ConditionExpression="#etag = :e",
+                ExpressionAttributeNames=_names("status", "endTime", "percent", "etag"),
                 ExpressionAttributeValues={
                     ":status": {"S": status.value}, ":t": {"N": str(int(time.time()))},
                     ":pct": {"N": "100" if status is Status.DONE else "0"}, ":e": {"S": src.etag},
@@ -1132,6 +1133,11 @@ class VersionTable:
         response = self._ddb.get_item(TableName=self.name, Key={"Key": {"S": table_key}},
                                       ConsistentRead=True)
         return _plain_item(response.get("Item", {}))
+
+
+def _names(*attributes: str) -> dict[str, str]:
+    """ExpressionAttributeNames for ``attributes`` (several are DynamoDB reserved words)."""
+    return {f"#{name}": name for name in attributes}
 
 
 def _plain_item(item: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
@@ -1530,6 +1536,35 @@ class _InFlight:
     extended_at: float
 
 
+class _KeyGuard:
+    """Lets one job at a time work on a destination object in this worker.
+
+    S3 sends two events for one multipart upload and SQS may deliver twice: the later job waits
+    for the earlier (borrowing its progress, so its message is kept too), then finds the
+    object already copied and is acknowledged without a second copy.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._owners: dict[str, JobControl] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: str, control: JobControl) -> Iterator[None]:
+        with self._changed:
+            while key in self._owners:
+                if self._owners[key].last_progress_at > control.last_progress_at:
+                    control.progressed()
+                control.check(f"waiting for another job on {key}")
+                self._changed.wait(timeout=1.0)
+            self._owners[key] = control
+        try:
+            yield
+        finally:
+            with self._changed:
+                del self._owners[key]
+                self._changed.notify_all()
+
+
 class Worker:
     """Runs jobs from the queue until asked to stop (or, with ``until_empty``, until it is empty)."""
 
@@ -1549,6 +1584,7 @@ class Worker:
         self._in_flight: dict[str, _InFlight] = {}
         self._jobs_changed = threading.Condition(self._lock)
         self._finished = threading.Event()
+        self._key_guard = _KeyGuard()
         self.counts: dict[str, int] = {}
 
     # -- control -----------------------------------------------------------------------------------
@@ -1708,7 +1744,8 @@ class Worker:
         log.info("job start key=%s size=%d attempt=%d", job.src_key, job.size,
                  message.receive_count)
         try:
-            outcome = self._copier.run(job, control)
+            with self._key_guard.hold(f"{job.dst_bucket}/{job.dst_key}", control):
+                outcome = self._copier.run(job, control)
         except SourceGone as exc:
             log.warning("job end key=%s outcome=source-gone reason=%s", job.src_key, exc)
             return Outcome.SOURCE_GONE
