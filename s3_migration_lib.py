@@ -1620,7 +1620,7 @@ class Worker:
         return EXIT_OK
 
     def _consume(self, pool: ThreadPoolExecutor) -> None:
-        wait_s = 2 if self._until_empty else SQS_MAX_WAIT_S
+        wait_s = 1 if self._until_empty else SQS_MAX_WAIT_S
         while not self._stopping.is_set():
             free = self._acquire_slots()
             if free == 0:
@@ -1710,18 +1710,23 @@ class Worker:
             outcome = "malformed"
             log.error("message %s malformed, left for the dead-letter queue: %s",
                       message.message_id, exc)
+            self._retry_later(message)
         except Exception as exc:  # noqa: BLE001 - every failure leaves the message for a retry
             log.error("message %s failed (attempt %d), will be retried: %s: %s",
                       message.message_id, message.receive_count, error_code(exc), exc)
-            delay = min(SQS_MAX_VISIBILITY_S,
-                        self._settings.retry_delay_s * 2 ** min(message.receive_count - 1, 10))
-            _quietly(self._queue.set_visibility, [message], delay)
+            self._retry_later(message)
         finally:
             with self._lock:
                 self._in_flight.pop(message.message_id, None)
                 self.counts[outcome] = self.counts.get(outcome, 0) + 1
                 self._jobs_changed.notify_all()
             self._slots.release()
+
+    def _retry_later(self, message: Message) -> None:
+        """Leave the message in the queue, visible again after RetryDelay doubled per receive;
+        SQS's redrive policy moves it to the dead-letter queue after maxReceiveCount."""
+        delay = self._settings.retry_delay_s * 2 ** min(message.receive_count - 1, 10)
+        _quietly(self._queue.set_visibility, [message], min(SQS_MAX_VISIBILITY_S, delay))
 
     def _run_jobs(self, message: Message, control: JobControl) -> str:
         jobs = parse_message(message.body, self._settings.dest_bucket_default,
