@@ -7,11 +7,13 @@ Exit codes: 0 stopped cleanly, 1 unexpected error, 2 bad configuration,
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import botocore.config
@@ -33,11 +35,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, for Cloud Logging and CloudWatch: ``severity``, ``message``,
+    and a job's structured fields (key, size, seconds, mbps, outcome, attempt) when present."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "severity": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "message": record.getMessage(),
+        }
+        document.update(getattr(record, "job", {}))
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=False)
+
+
 def configure_logging(settings: lib.Settings) -> None:
     """The one place that configures the root logger."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+    if settings.log_format == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: "
+                                      "%(message)s")
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.logging_level)
@@ -70,14 +95,19 @@ def build_worker(settings: lib.Settings, until_empty: bool) -> lib.Worker:
     queue = lib.JobQueue.by_name(access.aws.client("sqs", config=aws_config), settings.queue_name)
     table = lib.VersionTable(access.aws.client("dynamodb", config=aws_config), settings.table_name)
     table.check_exists()
+    metrics = lib.Metrics()
+    if settings.metrics_port:
+        metrics = lib.PrometheusMetrics()
+        metrics.serve(settings.metrics_port)
+        log.info("metrics on port %d at /metrics", settings.metrics_port)
     copier = lib.ObjectCopier(settings, lib.Source(access.source),
                               lib.Destination(access.destination, settings.storage_class),
-                              table, access.identity.instance_id)
+                              table, access.identity.instance_id, metrics)
     ignore = lib.IgnoreList.load(settings.ignore_list_path)
     log.info("instance %s, queue %s, table %s, destination %s, %d ignore patterns",
              access.identity.instance_id, settings.queue_name, settings.table_name,
              settings.dest_endpoint_url, len(ignore.patterns))
-    return lib.Worker(settings, queue, copier, ignore, until_empty=until_empty)
+    return lib.Worker(settings, queue, copier, ignore, until_empty=until_empty, metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1295,8 +1295,9 @@ class ObjectCopier:
     """Copies one object from the source to the destination, verified, resumable (SPEC §4-§5)."""
 
     def __init__(self, settings: Settings, source: Source, destination: Destination,
-                 versions: VersionTable, instance_id: str):
+                 versions: VersionTable, instance_id: str, metrics: "Metrics | None" = None):
         self._settings = settings
+        self._metrics = metrics or Metrics()
         self._source = source
         self._destination = destination
         self._versions = versions
@@ -1462,12 +1463,18 @@ class ObjectCopier:
                                                          number, data, md5)
                     control.progressed(written=length)
                     return UploadedPart(number, length, etag, md5, crc32c(data))
+                self._metrics.parts_in_flight(1)
+                started = time.monotonic()
                 try:
-                    return retry_call(attempt, self._settings.max_retry, stop,
+                    part = retry_call(attempt, self._settings.max_retry, stop,
                                       f"{job.dst_key} part {number}")
                 except BaseException:
                     stop.set()
                     raise
+                finally:
+                    self._metrics.parts_in_flight(-1)
+                self._metrics.part_copied(time.monotonic() - started)
+                return part
 
             workers = min(self._settings.max_thread, max(1, len(todo)))
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="part") as pool:
@@ -1526,6 +1533,79 @@ def _quietly(fn: Callable[..., Any], *args: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Metrics: counters for dashboards and autoscaling (Prometheus when MetricsPort is set).
+# ---------------------------------------------------------------------------------------------
+class Metrics:
+    """What the worker reports about itself; this base class records nothing."""
+
+    def job_started(self) -> None:
+        """A job began copying."""
+
+    def job_finished(self, outcome: str, bytes_written: int) -> None:
+        """A job ended with ``outcome`` after writing ``bytes_written`` bytes."""
+
+    def part_copied(self, seconds: float) -> None:
+        """One part was read and uploaded in ``seconds``."""
+
+    def parts_in_flight(self, delta: int) -> None:
+        """Parts being copied changed by ``delta``."""
+
+    def oldest_message_age(self, seconds: float) -> None:
+        """Age (since it was sent) of the oldest message being worked on."""
+
+    def close(self) -> None:
+        """Stop serving, if serving."""
+
+
+class PrometheusMetrics(Metrics):
+    """Metrics on a prometheus_client registry, served by ``serve(port)``."""
+
+    def __init__(self, registry: Any = None):
+        import prometheus_client as prom  # only when metrics are switched on
+        self._prom = prom
+        self.registry = registry if registry is not None else prom.CollectorRegistry()
+        options = {"registry": self.registry, "namespace": "gsync"}
+        self._bytes = prom.Counter("copied_bytes", "Bytes written to the destination", **options)
+        self._jobs = prom.Counter("jobs", "Jobs finished, by outcome", ["outcome"], **options)
+        self._jobs_in_flight = prom.Gauge("jobs_in_flight", "Jobs being copied", **options)
+        self._parts_in_flight = prom.Gauge("parts_in_flight", "Parts being copied", **options)
+        self._part_seconds = prom.Histogram(
+            "part_seconds", "Seconds to read and upload one part",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), **options)
+        self._oldest = prom.Gauge("oldest_message_age_seconds",
+                                  "Age of the oldest message being worked on", **options)
+
+    def serve(self, port: int, address: str = "0.0.0.0") -> None:
+        """Serve /metrics on ``address:port`` from a background thread until close()."""
+        self._server, _ = self._prom.start_http_server(port, addr=address, registry=self.registry)
+
+    def close(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            self._server = None
+
+    def job_started(self) -> None:
+        self._jobs_in_flight.inc()
+
+    def job_finished(self, outcome: str, bytes_written: int) -> None:
+        if outcome != Outcome.IGNORED.value:
+            self._jobs_in_flight.dec()
+        self._jobs.labels(outcome).inc()
+        self._bytes.inc(bytes_written)
+
+    def part_copied(self, seconds: float) -> None:
+        self._part_seconds.observe(seconds)
+
+    def parts_in_flight(self, delta: int) -> None:
+        self._parts_in_flight.inc(delta)
+
+    def oldest_message_age(self, seconds: float) -> None:
+        self._oldest.set(seconds)
+
+
+# ---------------------------------------------------------------------------------------------
 # Worker: one consumer (this thread) long-polls SQS for free job slots, MaxParallelFile job
 # threads copy, a heartbeat thread keeps progressing messages invisible and stops stuck ones.
 # ---------------------------------------------------------------------------------------------
@@ -1570,8 +1650,9 @@ class Worker:
 
     def __init__(self, settings: Settings, queue: JobQueue, copier: ObjectCopier,
                  ignore_list: IgnoreList, *, until_empty: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic):
         self._settings = settings
+        self._metrics = metrics or Metrics()
         self._queue = queue
         self._copier = copier
         self._ignore = ignore_list
@@ -1615,6 +1696,7 @@ class Worker:
             self._stopping.set()
             self._finished.set()
             heartbeat.join(timeout=5)
+            self._metrics.close()
         log.info("worker stopped: %s", ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
                  or "no jobs")
         return EXIT_OK
@@ -1740,32 +1822,48 @@ class Worker:
         return outcomes[0] if len(set(outcomes)) == 1 else "mixed"
 
     def _run_job(self, job: Job, message: Message, control: JobControl) -> Outcome:
+        """Copy one job's object; logs one structured line at its start and one at its end."""
         pattern = self._ignore.matches(job.src_bucket, job.src_key)
         if pattern is not None:
-            log.info("job ignored key=%s pattern=%s", job.src_key, pattern)
+            log.info("job ignored key=%s pattern=%s", job.src_key, pattern,
+                     extra={"job": {"event": "job_end", "key": job.src_key,
+                                    "outcome": Outcome.IGNORED.value, "pattern": pattern}})
+            self._metrics.job_finished(Outcome.IGNORED.value, 0)
             return Outcome.IGNORED
         started = self._clock()
-        read_before = control.bytes_read
+        read_before, written_before = control.bytes_read, control.bytes_written
         log.info("job start key=%s size=%d attempt=%d", job.src_key, job.size,
-                 message.receive_count)
+                 message.receive_count, extra={"job": {
+                     "event": "job_start", "bucket": job.src_bucket, "key": job.src_key,
+                     "size": job.size, "attempt": message.receive_count}})
+        self._metrics.job_started()
+        outcome, error = "failed", ""
         try:
             with self._key_guard.hold(f"{job.dst_bucket}/{job.dst_key}", control):
-                outcome = self._copier.run(job, control)
+                outcome = self._copier.run(job, control).value
         except SourceGone as exc:
-            log.warning("job end key=%s outcome=source-gone reason=%s", job.src_key, exc)
+            outcome, error = Outcome.SOURCE_GONE.value, str(exc)
             return Outcome.SOURCE_GONE
-        except Exception as exc:
-            seconds = self._clock() - started
-            log.info("job end key=%s size=%d seconds=%.2f outcome=failed error=%s attempt=%d",
-                     job.src_key, job.size, seconds, error_code(exc), message.receive_count)
+        except JobStopped as exc:
+            outcome, error = "stopped", control.stop_reason or str(exc)
             raise
-        seconds = self._clock() - started
-        read = control.bytes_read - read_before
-        log.info("job end key=%s size=%d seconds=%.2f MB/s=%.1f outcome=%s attempt=%d "
-                 "bytes_read=%d", job.src_key, job.size, seconds,
-                 job.size / MiB / seconds if seconds > 0 else 0.0, outcome.value,
-                 message.receive_count, read)
-        return outcome
+        except Exception as exc:
+            error = error_code(exc)
+            raise
+        finally:
+            seconds = self._clock() - started
+            fields = {"event": "job_end", "bucket": job.src_bucket, "key": job.src_key,
+                      "size": job.size, "seconds": round(seconds, 3),
+                      "mbps": round(job.size / MiB / seconds, 2) if seconds > 0 else 0.0,
+                      "outcome": outcome, "attempt": message.receive_count,
+                      "bytes_read": control.bytes_read - read_before, "error": error}
+            log.log(logging.WARNING if error else logging.INFO,
+                    "job end key=%s size=%d seconds=%.2f MB/s=%.1f outcome=%s attempt=%d "
+                    "bytes_read=%d%s", job.src_key, job.size, seconds, fields["mbps"], outcome,
+                    message.receive_count, fields["bytes_read"],
+                    f" error={error}" if error else "", extra={"job": fields})
+            self._metrics.job_finished(outcome, control.bytes_written - written_before)
+        return Outcome(outcome)
 
     # -- heartbeat -------------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
@@ -1792,6 +1890,8 @@ class Worker:
             elif now - item.extended_at >= step / 3:
                 item.extended_at = now
                 extend.append(item.message)
+        self._metrics.oldest_message_age(
+            max((time.time() - item.message.sent_at_s for item in items), default=0.0))
         if extend:
             try:
                 self._queue.set_visibility(extend, step)
