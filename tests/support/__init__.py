@@ -1,0 +1,1 @@
+"""Helpers shared by the 3GSync tests (loopback servers and fault injection)."""
