@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("credentials error: %s", exc)
         return lib.EXIT_CREDENTIALS
     except botocore.exceptions.NoRegionError:
-        log.error("no AWS region: set AWS_DEFAULT_REGION (or run on EC2 with metadata)")
+        log.error("no AWS region: set AWS_DEFAULT_REGION, or the source region in the secret "
+                  "(GET mode), or run on EC2 with instance metadata (PUT mode)")
         return lib.EXIT_CONFIG
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         log.error("cannot reach AWS at start: %s: %s", lib.error_code(exc), exc)
