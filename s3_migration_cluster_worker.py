@@ -7,6 +7,7 @@ Exit codes: 0 stopped cleanly, 1 unexpected error, 2 bad configuration,
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -134,11 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     except botocore.exceptions.NoRegionError:
         log.error("no AWS region: set AWS_DEFAULT_REGION, or the source region in the secret "
                   "(GET mode), or run on EC2 with instance metadata (PUT mode)")
-        return lib.EXIT_CONFIG
+        return lib.EXIT_CREDENTIALS   # metadata may come back: let systemd restart us
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         log.error("cannot reach AWS at start: %s: %s", lib.error_code(exc), exc)
         return lib.EXIT_UNEXPECTED
     install_signal_handlers(worker, settings.shutdown_grace_s)
+    # Everything built so far (botocore's service models: ~140,000 objects) lives as long as
+    # the process; keep the cyclic collector from walking it again and again while copying.
+    gc.freeze()
     try:
         code = worker.run()
     except Exception:  # noqa: BLE001 - the process exit code is the report

@@ -4,13 +4,21 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if ! command -v shellcheck >/dev/null || ! command -v rclone >/dev/null || ! command -v dot >/dev/null; then
+# Debian packages the tests use, by the command that shows each is there.
+declare -A packages=([shellcheck]=shellcheck [dot]=graphviz [rclone]=rclone
+                     [systemd-analyze]=systemd [unshare]=util-linux [ip]=iproute2
+                     [git]=git [curl]=curl)
+missing=()
+for command in "${!packages[@]}"; do
+    command -v "$command" >/dev/null || missing+=("${packages[$command]}")
+done
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck rclone graphviz >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "note: shellcheck or rclone is missing and this is not root; skipping apt-get" \
-             "(install them: apt-get install shellcheck rclone graphviz)" >&2
+        echo "note: missing ${missing[*]} and not root: install them with apt-get" >&2
     fi
 fi
 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-input -r tests/requirements.txt
