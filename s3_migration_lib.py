@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.handlers
 import google_crc32c
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ SQS_MAX_WAIT_S = 20
 SQS_MAX_BATCH = 10
 SQS_MAX_VISIBILITY_S = 12 * 3600
 METADATA_TIMEOUT_S = 0.5
+SHUTDOWN_HAND_BACK_S = 1.0   # of ShutdownGrace, kept to hand unfinished messages back
 NULL_VERSION = "null"
 
 EXIT_OK = 0
@@ -391,7 +393,7 @@ def parse_message(body: str, dest_bucket: str, dest_prefix: str) -> list[Job]:
     """
     try:
         document = json.loads(body)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:   # too deeply nested: RecursionError
         raise MessageError(f"body is not JSON ({exc})") from None
     if not isinstance(document, dict):
         raise MessageError(f"body is a JSON {type(document).__name__}, expected an object")
@@ -616,17 +618,56 @@ class AccessKey:
         return cls(values["aws_access_key_id"], values["aws_secret_access_key"], region or None)
 
 
-def parse_access_key_json(text: str, where: str) -> AccessKey:
-    """Parse an SSM parameter value holding one access key (PUT mode)."""
+def _credentials_json(text: str, where: str) -> Any:
+    """Parse a credentials document; the error says where the JSON breaks, never what it holds."""
     try:
-        document = json.loads(text)
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CredentialsError(f"{where}: value is not valid JSON ({exc.msg} at line "
+                               f"{exc.lineno} column {exc.colno})") from None
     except ValueError:
         raise CredentialsError(f"{where}: value is not valid JSON") from None
-    return AccessKey.from_json(document, where)
+
+
+def parse_access_key_json(text: str, where: str) -> AccessKey:
+    """Parse an SSM parameter value holding one access key (PUT mode)."""
+    return AccessKey.from_json(_credentials_json(text, where), where)
+
+
+@dataclasses.dataclass(frozen=True)
+class GetModeKeys:
+    """The GET-mode secret: keys for the source (S3, SQS, DynamoDB) and the destination."""
+
+    source: AccessKey
+    destination: AccessKey | None   # None with DestCredentials = service-account
+
+
+def parse_get_mode_secret(text: str, where: str, need_destination: bool = True) -> GetModeKeys:
+    """Parse the seed's ``{"source": {...}, "destination": {...}}`` secret (GET mode).
+
+    Errors name the secret and the missing or bad field, never a value.
+    """
+    document = _credentials_json(text, where)
+    if not isinstance(document, dict):
+        raise CredentialsError(f"{where}: expected a JSON object with source and destination")
+    sides = ("source", "destination") if need_destination else ("source",)
+    for side in sides:
+        if side not in document:
+            raise CredentialsError(f"{where}: field {side} is missing")
+    source = AccessKey.from_json(document["source"], f"{where}: source")
+    destination = None
+    if need_destination:
+        destination = AccessKey.from_json(document["destination"], f"{where}: destination")
+    return GetModeKeys(source, destination)
 
 
 def s3_client_config(max_pool_connections: int, path_style: bool) -> botocore.config.Config:
-    """Client settings for both S3 sides: no flexible checksums (GCS rejects them), pooled."""
+    """Client settings for both S3 sides: no flexible checksums (GCS rejects them), pooled.
+
+    Bodies are not SHA-256 signed (``UNSIGNED-PAYLOAD``): every body carries its Content-MD5,
+    which the store checks. botocore already skips the signing hash on https with Content-MD5;
+    on http endpoints it would hash every part a second time, for nothing.
+    """
     return botocore.config.Config(
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -635,7 +676,8 @@ def s3_client_config(max_pool_connections: int, path_style: bool) -> botocore.co
         connect_timeout=10,
         read_timeout=120,
         tcp_keepalive=True,
-        s3={"addressing_style": "path" if path_style else "auto"},
+        s3={"addressing_style": "path" if path_style else "auto",
+            "payload_signing_enabled": False},
         signature_version="s3v4",
     )
 
@@ -672,8 +714,13 @@ class WorkerIdentity:
     region: str | None
 
 
+class MetadataUnavailable(OSError):
+    """A metadata server did not answer in time, or answered as something else."""
+
+
 def ec2_identity(environ: Mapping[str, str] | None = None) -> WorkerIdentity:
-    """Instance id and region from EC2 metadata (IMDSv2), falling back to the hostname fast."""
+    """Instance id and region from EC2 metadata (IMDSv2: a session token first), falling back
+    fast (METADATA_TIMEOUT_S a request) to the hostname and the environment's region."""
     environ = os.environ if environ is None else environ
     fallback_region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
     if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
@@ -685,47 +732,290 @@ def ec2_identity(environ: Mapping[str, str] | None = None) -> WorkerIdentity:
         headers = {"X-aws-ec2-metadata-token": token}
         instance_id = _http_text(f"{base}/latest/meta-data/instance-id", headers=headers)
         region = _http_text(f"{base}/latest/meta-data/placement/region", headers=headers)
-        return WorkerIdentity(instance_id, region)
-    except (OSError, urllib.error.URLError) as exc:
-        log.warning("EC2 metadata not reachable (%s); using hostname and region from the "
-                    "environment", type(exc).__name__)
+    except MetadataUnavailable as exc:
+        log.warning("EC2 metadata not reachable (%s); using the hostname and the region from "
+                    "the environment", exc)
         return WorkerIdentity(socket.gethostname(), fallback_region)
+    return WorkerIdentity(instance_id, region or fallback_region)
 
 
-def _http_text(url: str, method: str = "GET", headers: Mapping[str, str] | None = None) -> str:
+def gce_identity(environ: Mapping[str, str] | None = None) -> WorkerIdentity:
+    """The instance name from the GCE metadata server, falling back fast to the hostname.
+
+    The server is ``GCE_METADATA_HOST`` (google-auth's variable, also ``GCE_METADATA_ROOT``),
+    else ``GCE_METADATA_IP``, else the link-local address (no DNS lookup that could hang off
+    GCE). The region is the environment's; GET mode takes the source's from the secret.
+    """
+    environ = os.environ if environ is None else environ
+    fallback_region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    host = (environ.get("GCE_METADATA_HOST") or environ.get("GCE_METADATA_ROOT")
+            or environ.get("GCE_METADATA_IP") or "169.254.169.254")
+    try:
+        name = _http_text(f"http://{host}/computeMetadata/v1/instance/name",
+                          headers={"Metadata-Flavor": "Google"}, flavor="Google")
+    except MetadataUnavailable as exc:
+        log.warning("GCE metadata not reachable (%s); using the hostname as the instance name",
+                    exc)
+        return WorkerIdentity(socket.gethostname(), fallback_region)
+    return WorkerIdentity(name, fallback_region)
+
+
+def _http_text(url: str, method: str = "GET", headers: Mapping[str, str] | None = None,
+               flavor: str | None = None) -> str:
+    """One metadata request, METADATA_TIMEOUT_S per connect and read; MetadataUnavailable
+    names what went wrong. ``flavor``: the ``Metadata-Flavor`` the answer must carry."""
+    import http.client
     request = urllib.request.Request(url, method=method, headers=dict(headers or {}))
     # Metadata servers are link-local: never go through a proxy to reach them.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=METADATA_TIMEOUT_S) as response:
-        return response.read().decode("utf-8").strip()
+    try:
+        with opener.open(request, timeout=METADATA_TIMEOUT_S) as response:
+            if flavor is not None and response.headers.get("Metadata-Flavor") != flavor:
+                raise MetadataUnavailable(f"{url} is not a {flavor} metadata server")
+            text = response.read().decode("utf-8").strip()
+    except urllib.error.HTTPError as exc:
+        raise MetadataUnavailable(f"{url}: HTTP {exc.code}") from None
+    except urllib.error.URLError as exc:
+        raise MetadataUnavailable(f"{url}: {type(exc.reason).__name__}") from None
+    except (OSError, http.client.HTTPException, UnicodeDecodeError) as exc:
+        if isinstance(exc, MetadataUnavailable):
+            raise
+        raise MetadataUnavailable(f"{url}: {type(exc).__name__}") from None
+    if not text:
+        raise MetadataUnavailable(f"{url}: empty answer")
+    return text
+
+
+SECRET_MANAGER_EMULATOR_ENV = "SECRET_MANAGER_EMULATOR_HOST"
+SECRET_MANAGER_TIMEOUT_S = 10.0
+# The GAPIC client logs every response, payload included, at DEBUG on these loggers.
+_SECRET_MANAGER_LOGGERS = (
+    "google.cloud.secretmanager_v1",
+    "google.cloud.secretmanager_v1.services.secret_manager_service.client",
+    "google.cloud.secretmanager_v1.services.secret_manager_service.transports.grpc",
+)
+
+
+def secret_version_name(resource: str) -> str:
+    """The Secret Manager version name for ``resource``: ``projects/P/secrets/S/versions/V``,
+    with ``/versions/latest`` added when the resource id names the secret only."""
+    parts = resource.strip().strip("/").split("/")
+    if len(parts) == 4:
+        parts += ["versions", "latest"]
+    if (len(parts) != 6 or parts[0] != "projects" or parts[2] != "secrets"
+            or parts[4] != "versions" or not all(parts)):
+        raise CredentialsError(
+            "config key ssm_parameter_credentials must be a Secret Manager resource id "
+            f"projects/<project>/secrets/<name>[/versions/<version>], got {resource!r}")
+    return "/".join(parts)
+
+
+def read_gcp_secret(resource: str, environ: Mapping[str, str] | None = None) -> str:
+    """The text of a Secret Manager secret version (GET mode), checked against its CRC32C.
+
+    Uses the machine's Google credentials (on GCE: its service account, through the metadata
+    server). With ``SECRET_MANAGER_EMULATOR_HOST=host:port`` it talks plain gRPC to that
+    address without credentials instead (local tests). Errors name the secret and what went
+    wrong, never the value.
+    """
+    environ = os.environ if environ is None else environ
+    if not resource:
+        raise CredentialsError("config key ssm_parameter_credentials is empty")
+    name = secret_version_name(resource)
+    where = f"Secret Manager secret {name}"
+    try:  # only GET mode needs these packages
+        import grpc
+        from google.api_core import exceptions as api_exceptions
+        from google.api_core import retry as api_retry
+        from google.auth import exceptions as auth_exceptions
+        from google.cloud import secretmanager_v1
+        from google.cloud.secretmanager_v1.services.secret_manager_service.transports import (
+            SecretManagerServiceGrpcTransport)
+    except ImportError as exc:
+        raise CredentialsError(f"JobType GET needs google-cloud-secret-manager: {exc}") from None
+    for logger_name in _SECRET_MANAGER_LOGGERS:
+        # Never let a DEBUG log level write the secret's payload (SPEC 9).
+        quiet = logging.getLogger(logger_name)
+        if quiet.level < logging.INFO:
+            quiet.setLevel(logging.INFO)
+    emulator = environ.get(SECRET_MANAGER_EMULATOR_ENV)
+    try:
+        if emulator:
+            transport = SecretManagerServiceGrpcTransport(channel=grpc.insecure_channel(emulator))
+            client = secretmanager_v1.SecretManagerServiceClient(transport=transport)
+        else:
+            client = secretmanager_v1.SecretManagerServiceClient()
+    except auth_exceptions.DefaultCredentialsError:
+        raise CredentialsError(f"{where}: no Google credentials (run on GCE with a service "
+                               "account, or set GOOGLE_APPLICATION_CREDENTIALS)") from None
+    retry = api_retry.Retry(
+        initial=0.2, maximum=2.0, multiplier=2.0, timeout=SECRET_MANAGER_TIMEOUT_S,
+        predicate=api_retry.if_exception_type(api_exceptions.ServiceUnavailable,
+                                              api_exceptions.TooManyRequests))
+    hints = {
+        "NotFound": "not found (check config key ssm_parameter_credentials)",
+        "PermissionDenied": "permission denied (the instance's service account needs "
+                            "roles/secretmanager.secretAccessor on it)",
+        "FailedPrecondition": "the version is disabled or destroyed",
+    }
+    try:
+        with client:
+            response = client.access_secret_version(request={"name": name}, retry=retry,
+                                                    timeout=SECRET_MANAGER_TIMEOUT_S)
+    except api_exceptions.RetryError:
+        raise CredentialsError(f"{where}: Secret Manager did not answer within "
+                               f"{SECRET_MANAGER_TIMEOUT_S:.0f}s") from None
+    except api_exceptions.GoogleAPICallError as exc:
+        reason = type(exc).__name__
+        raise CredentialsError(f"{where}: {hints.get(reason, reason)}") from None
+    except auth_exceptions.GoogleAuthError as exc:
+        raise CredentialsError(f"{where}: Google credentials failed ({type(exc).__name__})") \
+            from None
+    payload = response.payload
+    data = bytes(payload.data)
+    if "data_crc32c" in payload and google_crc32c.value(data) != payload.data_crc32c:
+        raise CredentialsError(f"{where}: payload does not match its CRC32C")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CredentialsError(f"{where}: value is not UTF-8 text") from None
+
+
+# DestCredentials = service-account: GCS's XML API with the machine's own OAuth2 identity.
+GCS_READ_WRITE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+
+
+class BearerAuth:
+    """Authenticates destination requests with an OAuth2 access token instead of SigV4.
+
+    Registered on a botocore client's ``before-send`` event, it runs for every attempt of every
+    request: ``Authorization: Bearer <token>`` (the form GCS's XML API takes), with the token
+    refreshed, under a lock shared by the part threads, whenever google-auth no longer counts it
+    as valid, which it does from a few minutes before expiry. ``x-amz-*`` request headers are
+    sent as ``x-goog-*``, as GCS documents for OAuth requests (``x-goog-meta-*`` metadata,
+    ``x-goog-storage-class``).
+    """
+
+    def __init__(self, credentials: Any, request: Any = None):
+        if request is None:
+            import google.auth.transport.requests
+            request = google.auth.transport.requests.Request()
+        self._credentials = credentials
+        self._request = request
+        self._lock = threading.Lock()
+
+    def token(self) -> str:
+        """A valid access token, refreshed first if it is missing, expired or about to expire."""
+        from google.auth import exceptions as auth_exceptions
+        with self._lock:
+            if not self._credentials.valid:
+                try:
+                    self._credentials.refresh(self._request)
+                except auth_exceptions.GoogleAuthError as exc:
+                    # ConnectionError: retried like any network failure of the request.
+                    raise ConnectionError(f"OAuth2 token refresh failed ({type(exc).__name__})") \
+                        from None
+            return self._credentials.token
+
+    def __call__(self, request: Any, **_kwargs: Any) -> None:
+        headers = request.headers
+        for name in [name for name in headers.keys() if name.lower().startswith("x-amz-")]:
+            value = headers[name]
+            del headers[name]
+            headers["x-goog-" + name[len("x-amz-"):]] = value
+        if "Authorization" in headers:
+            del headers["Authorization"]
+        headers["Authorization"] = f"Bearer {self.token()}"
+
+
+def google_default_credentials(scopes: Sequence[str] = (GCS_READ_WRITE_SCOPE,)) -> Any:
+    """google-auth's default credentials (on GCE: the instance's service account)."""
+    try:
+        import google.auth
+        from google.auth import exceptions as auth_exceptions
+    except ImportError as exc:
+        raise CredentialsError(f"DestCredentials = service-account needs google-auth: {exc}") \
+            from None
+    try:
+        credentials, _project = google.auth.default(scopes=list(scopes))
+    except auth_exceptions.GoogleAuthError as exc:
+        raise CredentialsError(
+            f"DestCredentials = service-account: no Google default credentials "
+            f"({type(exc).__name__}); run on GCE with a service account allowed to write the "
+            "bucket, or set GOOGLE_APPLICATION_CREDENTIALS") from None
+    return credentials
+
+
+def bearer_s3_client(session: boto3.session.Session, endpoint_url: str,
+                     config: botocore.config.Config, credentials: Any, request: Any = None) -> Any:
+    """An unsigned S3 client of ``session`` (whose own keys it never uses) whose requests carry
+    the OAuth2 token of ``credentials``. Fails at once (CredentialsError) when no first token
+    can be had.
+    """
+    auth = BearerAuth(credentials, request)
+    try:
+        auth.token()
+    except ConnectionError as exc:
+        raise CredentialsError(f"DestCredentials = service-account: {exc}") from None
+    client = session.client(
+        "s3", endpoint_url=endpoint_url, region_name="auto",
+        config=config.merge(botocore.config.Config(signature_version=botocore.UNSIGNED)))
+    client.meta.events.register("before-send.s3", auth)
+    return client
 
 
 @dataclasses.dataclass(frozen=True)
 class CloudAccess:
     """What a worker needs to reach both sides: sessions, the S3 clients and who it is."""
 
-    aws: boto3.session.Session   # SQS, DynamoDB, SSM (and the source unless GET mode says else)
+    aws: boto3.session.Session   # SQS, DynamoDB, SSM, and the source
     source: Any                  # boto3 S3 client for the source
     destination: Any             # boto3 S3 client for the destination XML API
     identity: WorkerIdentity
 
 
 def connect(settings: Settings, environ: Mapping[str, str] | None = None) -> CloudAccess:
-    """Load credentials for the configured JobType and build the clients (SPEC §9)."""
-    if settings.job_type != "PUT":
-        raise CredentialsError("JobType GET is not supported by this build yet")
-    identity = ec2_identity(environ)
-    aws = aws_session(None, identity.region)
-    dest_key = parse_access_key_json(
-        read_ssm_secure_string(aws, settings.ssm_parameter_credentials),
-        f"SSM parameter {settings.ssm_parameter_credentials}")
+    """Load credentials for the configured JobType and build the clients (SPEC §9).
+
+    PUT (on EC2): identity from EC2 metadata, AWS through the instance role (the default
+    chain), the destination's HMAC key from the SSM SecureString ``ssm_parameter_credentials``.
+    GET (on GCE): instance name from GCE metadata, both keys from the Secret Manager secret
+    ``ssm_parameter_credentials``; with ``DestCredentials = service-account`` the destination
+    is reached with the instance's own OAuth2 tokens and the secret needs no destination key.
+    """
+    environ = os.environ if environ is None else environ
+    bearer = settings.dest_credentials == "service-account"
+    if settings.job_type == "GET":
+        identity = gce_identity(environ)
+        name = secret_version_name(settings.ssm_parameter_credentials) \
+            if settings.ssm_parameter_credentials else ""
+        keys = parse_get_mode_secret(read_gcp_secret(name, environ),
+                                     f"Secret Manager secret {name}", need_destination=not bearer)
+        identity = dataclasses.replace(identity, region=keys.source.region or identity.region)
+        aws = aws_session(keys.source, identity.region)
+        dest_key = keys.destination
+    else:
+        identity = ec2_identity(environ)
+        aws = aws_session(None, identity.region)
+        dest_key = parse_access_key_json(
+            read_ssm_secure_string(aws, settings.ssm_parameter_credentials),
+            f"SSM parameter {settings.ssm_parameter_credentials}")
     pool = settings.max_parallel_file * settings.max_thread + settings.max_parallel_file + 4
     source = aws.client("s3", endpoint_url=settings.src_endpoint_url,
                         config=s3_client_config(pool, path_style=bool(settings.src_endpoint_url)))
-    dest_region = dest_key.region if settings.dest_region == "auto" else settings.dest_region
-    destination = aws_session(dest_key, dest_region or "auto").client(
-        "s3", endpoint_url=settings.dest_endpoint_url,
-        config=s3_client_config(pool, path_style=True))
+    dest_config = s3_client_config(pool, path_style=True)
+    if bearer:
+        destination = bearer_s3_client(aws, settings.dest_endpoint_url, dest_config,
+                                       google_default_credentials())
+        log.info("destination: OAuth2 tokens of this machine's service account")
+    else:
+        dest_region = dest_key.region if settings.dest_region == "auto" else settings.dest_region
+        # Same session as the source, own keys: the S3 model is loaded once (a second session
+        # would parse it again, ~0.15 s CPU at every start).
+        destination = aws.client(
+            "s3", endpoint_url=settings.dest_endpoint_url, config=dest_config,
+            region_name=dest_region or "auto", aws_access_key_id=dest_key.access_key_id,
+            aws_secret_access_key=dest_key.secret_access_key)
     return CloudAccess(aws=aws, source=source, destination=destination, identity=identity)
 
 
@@ -758,13 +1048,17 @@ class JobQueue:
             raise ConfigError(f"config key sqs_queue_name: queue {name!r}: {error_code(exc)}") from None
         return cls(sqs_client, url)
 
-    def receive(self, max_messages: int, wait_s: int = SQS_MAX_WAIT_S) -> list[Message]:
-        """Long-poll for up to ``max_messages`` (1..10) messages."""
+    def receive(self, max_messages: int, wait_s: int = SQS_MAX_WAIT_S,
+                visibility_s: int | None = None) -> list[Message]:
+        """Long-poll for up to ``max_messages`` (1..10) messages; ``visibility_s`` overrides the
+        queue's own VisibilityTimeout for them."""
+        extra = {} if visibility_s is None else {"VisibilityTimeout": visibility_s}
         response = self._sqs.receive_message(
             QueueUrl=self.url,
             MaxNumberOfMessages=max(1, min(SQS_MAX_BATCH, max_messages)),
             WaitTimeSeconds=min(SQS_MAX_WAIT_S, wait_s),
             MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+            **extra,
         )
         messages = []
         for item in response.get("Messages", []):
@@ -780,6 +1074,21 @@ class JobQueue:
 
     def delete(self, message: Message) -> None:
         self._sqs.delete_message(QueueUrl=self.url, ReceiptHandle=message.receipt_handle)
+
+    def delete_batch(self, messages: Sequence[Message]) -> list[Message]:
+        """Delete several messages, ten per DeleteMessageBatch; returns those not deleted
+        (logged; they reappear after their visibility timeout)."""
+        failed = []
+        for start in range(0, len(messages), SQS_MAX_BATCH):
+            batch = messages[start:start + SQS_MAX_BATCH]
+            response = self._sqs.delete_message_batch(QueueUrl=self.url, Entries=[
+                {"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(batch)])
+            for failure in response.get("Failed", []):
+                message = batch[int(failure["Id"])]
+                log.warning("delete failed for message %s: %s", message.message_id,
+                            failure.get("Code"))
+                failed.append(message)
+        return failed
 
     def set_visibility(self, messages: Sequence[Message], visibility_s: int) -> None:
         """Change the visibility of several messages, ten per call; failures are logged."""
@@ -831,6 +1140,21 @@ class SourceObject:
         return _md5_from_etag(self.etag) if self.etag_is_md5 else b""
 
 
+def _source_object(bucket: str, key: str, size: int, response: Mapping[str, Any]) -> SourceObject:
+    """A SourceObject from the headers of a HEAD or GET response."""
+    last_modified = response.get("LastModified")
+    return SourceObject(
+        bucket=bucket, key=key, size=size,
+        etag=response["ETag"].strip('"'),
+        version_id=response.get("VersionId"),
+        last_modified=last_modified.isoformat() if last_modified else "",
+        headers={name: response[name] for name in _CARRIED_HEADERS if response.get(name)},
+        metadata=dict(response.get("Metadata", {})),
+        etag_is_md5=(response.get("ServerSideEncryption") not in ("aws:kms", "aws:kms:dsse")
+                     and not response.get("SSECustomerAlgorithm")),
+    )
+
+
 def _is_not_found(exc: botocore.exceptions.ClientError) -> bool:
     return error_code(exc) in ("404", "NoSuchKey", "NotFound", "NoSuchVersion")
 
@@ -852,18 +1176,53 @@ class Source:
             if _is_not_found(exc):
                 raise SourceGone(f"s3://{bucket}/{key} does not exist (any more)") from None
             raise
-        last_modified = response.get("LastModified")
-        return SourceObject(
-            bucket=bucket, key=key,
-            size=int(response["ContentLength"]),
-            etag=response["ETag"].strip('"'),
-            version_id=response.get("VersionId"),
-            last_modified=last_modified.isoformat() if last_modified else "",
-            headers={name: response[name] for name in _CARRIED_HEADERS if response.get(name)},
-            metadata=dict(response.get("Metadata", {})),
-            etag_is_md5=(response.get("ServerSideEncryption") not in ("aws:kms", "aws:kms:dsse")
-                         and not response.get("SSECustomerAlgorithm")),
-        )
+        return _source_object(bucket, key, int(response["ContentLength"]), response)
+
+    def bucket_missing(self, bucket: str) -> bool:
+        """True only when the store says the bucket does not exist (a 403 cannot tell)."""
+        try:
+            self._s3.head_bucket(Bucket=bucket)
+        except botocore.exceptions.ClientError as exc:
+            return error_code(exc) in ("404", "NoSuchBucket")
+        return False
+
+    def fetch(self, bucket: str, key: str, version_id: str | None,
+              limit: int) -> tuple[SourceObject, bytes | None]:
+        """What ``head`` tells, from a GET of the first ``limit`` bytes; also the object's bytes
+        when the whole object fits in ``limit``.
+
+        For an object small enough for one PUT this is one request instead of a HEAD and a
+        GET. The bytes come from the same response as the ETag, so they are that version's;
+        an object larger than ``limit`` (the message's size was stale) is described and its
+        bytes dropped. An empty object (416 to any range) is described by a HEAD.
+        """
+        args: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes=0-{limit - 1}"}
+        if version_id:
+            args["VersionId"] = version_id
+        try:
+            response = self._s3.get_object(**args)
+        except botocore.exceptions.ClientError as exc:
+            if _is_not_found(exc):
+                raise SourceGone(f"s3://{bucket}/{key} does not exist (any more)") from None
+            if error_code(exc) in ("InvalidRange", "416"):
+                return self.head(bucket, key, version_id), None
+            raise
+        content_range = response.get("ContentRange")
+        with response["Body"] as body:
+            if content_range:   # "bytes 0-N/SIZE"
+                size = int(content_range.rpartition("/")[2])
+                if content_range != f"bytes 0-{min(size, limit) - 1}/{size}":
+                    raise SourceChanged(f"s3://{bucket}/{key}: asked for the first {limit} "
+                                        f"bytes, got {content_range}")
+            else:               # the store ignored the range and sends the whole object
+                size = int(response["ContentLength"])
+            src = _source_object(bucket, key, size, response)
+            if size > limit:
+                return src, None
+            data = body.read()
+        if len(data) != size:
+            raise IntegrityError(f"s3://{bucket}/{key}: short read: {len(data)} of {size} bytes")
+        return src, data
 
     def read(self, obj: SourceObject, start: int, length: int, pin_version: bool) -> bytes:
         """Read ``length`` bytes at ``start``, pinned to the object's etag (and version)."""
@@ -944,6 +1303,12 @@ class Destination:
     def __init__(self, s3_client: Any, storage_class: str):
         self._s3 = s3_client
         self._storage_class = storage_class
+        # Part bytes are in memory already. botocore would wrap them in a BytesIO, send an
+        # Expect: 100-continue and wait for the answer, then copy them out 16 KiB per write;
+        # as bytes they go in one write. Only how a bytes body travels changes (this client).
+        for operation in ("PutObject", "UploadPart"):
+            s3_client.meta.events.unregister(f"before-parameter-build.s3.{operation}",
+                                             botocore.handlers.convert_body_to_file_like_object)
 
     def head(self, bucket: str, key: str) -> DestinationObject | None:
         """HEAD the object; None when it does not exist."""
@@ -1087,7 +1452,14 @@ class VersionTable:
                               f"{error_code(exc)}") from None
 
     def begin(self, job: Job, src: SourceObject, instance_id: str) -> dict[str, Any]:
-        """Record that this worker starts copying ``src``; returns the item as it was before."""
+        """Record that this worker starts copying ``src``; returns the item as it was before.
+
+        One UpdateItem: the version, ETag and size the copy is pinned to (UpdateVersionId's
+        "record the current version"), who and when, status ``running``, ``tryTimes`` counted
+        with ADD (atomic however many workers begin at once), and no ``endTime``, so a TTL on
+        ``endTime`` never removes a copy in progress. The old item tells the caller whether an
+        unfinished upload belongs to the same source object (same ETag).
+        """
         response = self._ddb.update_item(
             TableName=self.name,
             Key={"Key": {"S": job.table_key}},
@@ -1107,25 +1479,61 @@ class VersionTable:
         return _plain_item(response.get("Attributes", {}))
 
     def finish(self, job: Job, src: SourceObject, status: Status) -> bool:
-        """Mark the copy of ``src`` done or failed, unless another worker has since begun a copy
-        of a different source version (conditional write). Returns whether it was written."""
+        """Mark the copy of ``src`` done or failed, with ``endTime`` (epoch seconds, usable as
+        the table's TTL attribute). Returns whether it was written.
+
+        Conditional, because two workers can race on one object: nothing is written when the
+        item now records another source object (another worker has since begun a copy of a
+        different version: its record stays), or is already ``done`` for this one (a worker
+        that lost a race to complete the same upload must not turn ``done`` into ``failed``).
+        """
         try:
             self._ddb.update_item(
                 TableName=self.name,
                 Key={"Key": {"S": job.table_key}},
                 UpdateExpression="SET #status = :status, #endTime = :t, #percent = :pct",
-                ConditionExpression="#etag = :e",
+                ConditionExpression="#etag = :e AND #status <> :done",
                 ExpressionAttributeNames=_names("status", "endTime", "percent", "etag"),
                 ExpressionAttributeValues={
                     ":status": {"S": status.value}, ":t": {"N": str(int(time.time()))},
                     ":pct": {"N": "100" if status is Status.DONE else "0"}, ":e": {"S": src.etag},
+                    ":done": {"S": Status.DONE.value},
                 },
             )
             return True
         except botocore.exceptions.ClientError as exc:
             if error_code(exc) == "ConditionalCheckFailedException":
-                log.info("table: %s now records another source version; not marking %s",
-                         job.table_key, status.value)
+                log.debug("table: %s records another source version or is done already; "
+                          "%s not recorded", job.table_key, status.value)
+                return False
+            raise
+
+    def confirm(self, job: Job, src: SourceObject, instance_id: str) -> bool:
+        """The destination already holds ``src`` (a duplicate delivery): record it as done,
+        creating the item when there is none (copied earlier by other means, or removed by the
+        TTL), so a JobsenderCompareVersionId run does not send it again. Conditional: an item of
+        another source object, or one already done, is left as it is. Returns whether written."""
+        now = {"N": str(int(time.time()))}
+        try:
+            self._ddb.update_item(
+                TableName=self.name,
+                Key={"Key": {"S": job.table_key}},
+                UpdateExpression=("SET #versionId = :v, #etag = :e, #Size = :s, #instanceId = :i, "
+                                  "#status = :done, #percent = :pct, #endTime = :t, "
+                                  "#startTime = if_not_exists(#startTime, :t)"),
+                ConditionExpression=("attribute_not_exists(#etag) "
+                                     "OR (#etag = :e AND #status <> :done)"),
+                ExpressionAttributeNames=_names("versionId", "etag", "Size", "instanceId",
+                                                "status", "percent", "endTime", "startTime"),
+                ExpressionAttributeValues={
+                    ":v": {"S": src.version_id or NULL_VERSION}, ":e": {"S": src.etag},
+                    ":s": {"N": str(src.size)}, ":i": {"S": instance_id},
+                    ":done": {"S": Status.DONE.value}, ":pct": {"N": "100"}, ":t": now,
+                },
+            )
+            return True
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
                 return False
             raise
 
@@ -1305,17 +1713,41 @@ class ObjectCopier:
 
     # -- entry point ---------------------------------------------------------------------------
     def run(self, job: Job, control: JobControl) -> Outcome:
-        """Copy (or delete) ``job``'s object; raises CopyError subclasses when it cannot."""
+        """Copy (or delete) ``job``'s object; raises CopyError subclasses when it cannot.
+
+        Versions (SPEC §5). Every read is pinned to the HEAD at the start of an attempt: its
+        ETag (IfMatch) and, with GetObjectWithVersionId, its VersionId. An overwrite mid-copy
+        therefore either lets a pinned version finish whole or (SourceChanged) aborts the
+        upload and starts again on the new version; an unfinished upload is resumed only when
+        the table says it holds the same source object (ETag). A job for a version that is no
+        longer the current one is acknowledged without a copy when the destination already
+        holds the current version, so a late or redelivered event never puts an older version
+        back. After a copy the source is HEADed again, and a newer version copied too, with
+        UpdateVersionId, and whenever another worker has begun another version of the object
+        meanwhile (the conditional finish tells).
+        """
         if job.action is Action.DELETE:
             return self._delete(job)
+        wanted = self._requested_version(job)
         for attempt in range(1, self._settings.max_retry + 1):
-            src = self._source.head(job.src_bucket, job.src_key, self._requested_version(job))
+            src, data = self._describe(job, wanted)
             existing = self._destination.head(job.dst_bucket, job.dst_key)
             if existing is not None and _holds(existing, src):
+                _quietly(self._versions.confirm, job, src, self._instance_id)
                 return Outcome.DUPLICATE
+            if wanted is not None and existing is not None:
+                try:
+                    current = self._source.head(job.src_bucket, job.src_key)
+                except SourceGone:
+                    current = None
+                if current is not None and current.etag != src.etag and _holds(existing, current):
+                    log.info("s3://%s/%s: version %s is not the current one any more and the "
+                             "destination holds the current one (%s); nothing to copy",
+                             job.src_bucket, job.src_key, wanted, current.version_id)
+                    return Outcome.DUPLICATE
             previous = self._versions.begin(job, src, self._instance_id)
             try:
-                self._copy(job, src, previous, control)
+                self._copy(job, src, previous, control, data)
             except SourceChanged as exc:
                 _quietly(self._versions.finish, job, src, Status.FAILED)
                 if attempt == self._settings.max_retry:
@@ -1325,19 +1757,26 @@ class ObjectCopier:
             except BaseException:
                 _quietly(self._versions.finish, job, src, Status.FAILED)
                 raise
-            self._versions.finish(job, src, Status.DONE)
-            if not self._settings.update_version_id or self._still_current(job, src):
+            recorded = self._versions.finish(job, src, Status.DONE)
+            if (recorded and not self._settings.update_version_id) or self._still_current(job, src):
                 return Outcome.COPIED
-            log.info("s3://%s/%s was overwritten while it was copied; copying the new version",
-                     job.src_bucket, job.src_key)
+            wanted = None   # from now on the job follows the source's current version
+            log.info("s3://%s/%s changed while version %s was copied; copying the current "
+                     "version", job.src_bucket, job.src_key, src.version_id or src.etag)
         raise SourceChanged(f"s3://{job.src_bucket}/{job.src_key} kept changing during "
                             f"{self._settings.max_retry} copies")
 
     def _requested_version(self, job: Job) -> str | None:
-        wanted = self._settings.get_object_with_version_id and job.version_id != NULL_VERSION
-        return job.version_id if wanted else None
+        """The version to HEAD and copy: the job's with GetObjectWithVersionId, unless
+        UpdateVersionId replaces it with the current one (the seed's meaning); None means the
+        current version, whose VersionId the reads are then pinned to."""
+        if self._settings.update_version_id or not self._settings.get_object_with_version_id:
+            return None
+        return job.version_id if job.version_id != NULL_VERSION else None
 
     def _still_current(self, job: Job, copied: SourceObject) -> bool:
+        """Whether ``copied`` is still the source's current version (a deleted source counts
+        as current: there is nothing newer to copy)."""
         try:
             current = self._source.head(job.src_bucket, job.src_key)
         except SourceGone:
@@ -1356,18 +1795,40 @@ class ObjectCopier:
                  job.src_bucket, job.src_key)
         return Outcome.IGNORED
 
+    def _describe(self, job: Job, wanted: str | None) -> tuple[SourceObject, bytes | None]:
+        """The source object as it is now (``wanted``: that version). For a job small enough
+        for one PUT also its bytes, from the same GET: no separate HEAD per small object.
+
+        A missing bucket is not a deleted object (a HEAD's 404 does not tell them apart): the
+        job is wrong, so it fails and its message goes on to the dead-letter queue."""
+        try:
+            if 0 < job.size <= self._settings.chunk_size_bytes:
+                return self._source.fetch(job.src_bucket, job.src_key, wanted,
+                                          self._settings.chunk_size_bytes)
+            return self._source.head(job.src_bucket, job.src_key, wanted), None
+        except SourceGone:
+            if self._source.bucket_missing(job.src_bucket):
+                raise CopyError(f"source bucket {job.src_bucket} does not exist") from None
+            raise
+
     def _copy(self, job: Job, src: SourceObject, previous: Mapping[str, Any],
-              control: JobControl) -> None:
+              control: JobControl, data: bytes | None = None) -> None:
         if src.size <= self._settings.chunk_size_bytes:
-            self._copy_single(job, src, control)
+            self._copy_single(job, src, control, data)
         else:
             self._copy_multipart(job, src, previous, control)
 
     # -- small objects ---------------------------------------------------------------------------
-    def _copy_single(self, job: Job, src: SourceObject, control: JobControl) -> None:
+    def _copy_single(self, job: Job, src: SourceObject, control: JobControl,
+                     fetched: bytes | None = None) -> None:
+        """One PUT. ``fetched``: the bytes ``_describe`` already read, used by the first
+        attempt; a retry reads again, pinned to the ETag (IfMatch)."""
         def attempt() -> None:
+            nonlocal fetched
             control.check("single PUT")
-            data = self._source.read(src, 0, src.size, self._pin_version)
+            data, fetched = fetched, None
+            if data is None:
+                data = self._source.read(src, 0, src.size, self._pin_version)
             md5 = hashlib.md5(data).digest()
             if src.md5 and src.md5 != md5:
                 raise IntegrityError(f"s3://{src.bucket}/{src.key}: bytes read do not match "
@@ -1392,6 +1853,10 @@ class ObjectCopier:
             self._destination.complete(job.dst_bucket, job.dst_key, upload_id, parts)
         except SourceChanged:
             self._destination.abort(job.dst_bucket, job.dst_key, upload_id)
+            raise
+        except SourceGone:
+            # Nothing will ever resume it, and the store bills its parts until it is aborted.
+            _quietly(self._destination.abort, job.dst_bucket, job.dst_key, upload_id)
             raise
         except BaseException:
             if not resumable:
@@ -1616,6 +2081,100 @@ class _InFlight:
     extended_at: float
 
 
+class _Acknowledger:
+    """Deletes settled messages ten at a time (DeleteMessageBatch) instead of one call each.
+
+    A job thread hands a message over only once it is settled for good (object verified at
+    the destination, duplicate, ignored, test event, source gone). A batch goes out when ten
+    are waiting or MAX_DELAY_S after the oldest arrived, and everything at once on ``flush``.
+    A message whose delete is lost (worker killed before the batch left) reappears after its
+    visibility timeout and is acknowledged by the duplicate check without a second copy.
+    """
+
+    MAX_DELAY_S = 0.5
+
+    def __init__(self, queue: "JobQueue", clock: Callable[[], float] = time.monotonic):
+        self._queue = queue
+        self._clock = clock
+        self._changed = threading.Condition()
+        self._pending: list[Message] = []
+        self._oldest_at = 0.0
+        self._sending = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="acknowledger", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, message: Message) -> None:
+        """Hand over a settled message (after ``close``: deleted at once)."""
+        with self._changed:
+            if not self._closed:
+                if not self._pending:
+                    self._oldest_at = self._clock()
+                self._pending.append(message)
+                self._changed.notify_all()
+                return
+        self._send([message])
+
+    def flush(self) -> None:
+        """Delete everything handed over so far; returns when no batch is on its way."""
+        with self._changed:
+            batch, self._pending = self._pending, []
+            self._sending += 1
+        try:
+            self._send(batch)
+        finally:
+            with self._changed:
+                self._sending -= 1
+                self._changed.notify_all()
+                self._changed.wait_for(lambda: self._sending == 0, timeout=30)
+
+    def close(self) -> None:
+        """Flush and stop the background thread."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self.flush()
+
+    def _loop(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed and not self._batch_due():
+                    timeout = None
+                    if self._pending:
+                        timeout = max(0.0, self._oldest_at + self.MAX_DELAY_S - self._clock())
+                    self._changed.wait(timeout)
+                if self._closed:
+                    return
+                batch = self._pending[:SQS_MAX_BATCH]
+                del self._pending[:SQS_MAX_BATCH]
+                self._oldest_at = self._clock()
+                self._sending += 1
+            try:
+                self._send(batch)
+            finally:
+                with self._changed:
+                    self._sending -= 1
+                    self._changed.notify_all()
+
+    def _batch_due(self) -> bool:
+        return len(self._pending) >= SQS_MAX_BATCH or bool(
+            self._pending and self._clock() - self._oldest_at >= self.MAX_DELAY_S)
+
+    def _send(self, batch: Sequence[Message]) -> None:
+        if not batch:
+            return
+        try:
+            self._queue.delete_batch(batch)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            log.warning("deleting %d settled messages failed (%s); they reappear after their "
+                        "visibility timeout and are acknowledged as duplicates", len(batch),
+                        error_code(exc))
+
+
 class _KeyGuard:
     """Lets one job at a time work on a destination object in this worker.
 
@@ -1666,6 +2225,7 @@ class Worker:
         self._jobs_changed = threading.Condition(self._lock)
         self._finished = threading.Event()
         self._key_guard = _KeyGuard()
+        self._acks = _Acknowledger(queue)
         self.counts: dict[str, int] = {}
 
     # -- control -----------------------------------------------------------------------------------
@@ -1687,12 +2247,14 @@ class Worker:
                  self._settings.peak_part_memory_bytes // MiB)
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
+        self._acks.start()
         pool = ThreadPoolExecutor(self._settings.max_parallel_file, thread_name_prefix="job")
         try:
             self._consume(pool)
         finally:
             drained = self._drain()
             pool.shutdown(wait=drained, cancel_futures=True)
+            self._acks.close()
             self._stopping.set()
             self._finished.set()
             heartbeat.join(timeout=5)
@@ -1702,13 +2264,18 @@ class Worker:
         return EXIT_OK
 
     def _consume(self, pool: ThreadPoolExecutor) -> None:
-        wait_s = 1 if self._until_empty else SQS_MAX_WAIT_S
+        # A stop is seen when the long poll returns: poll for less than the shutdown grace.
+        wait_s = 1 if self._until_empty else max(1, min(SQS_MAX_WAIT_S,
+                                                        self._settings.shutdown_grace_s - 1))
+        # Received messages stay invisible for a whole heartbeat step, whatever the queue's own
+        # VisibilityTimeout: the first extension comes a third of a step later.
+        visibility_s = self._settings.visibility_heartbeat_s
         while not self._stopping.is_set():
             free = self._acquire_slots()
             if free == 0:
                 continue
             try:
-                messages = self._queue.receive(free, wait_s)
+                messages = self._queue.receive(free, wait_s, visibility_s)
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
                 self._release_slots(free)
                 log.warning("receive failed (%s); backing off", error_code(exc))
@@ -1745,6 +2312,7 @@ class Worker:
         with self._lock:
             if self._in_flight:
                 return False
+        self._acks.flush()   # settled messages still count as in flight until deleted
         visible, in_flight = self._queue.depth()
         return visible == 0 and in_flight == 0
 
@@ -1753,8 +2321,11 @@ class Worker:
         and hand their messages back. Returns whether every job thread has finished."""
         requested = self._stop_requested_at if self._stop_requested_at is not None else self._clock()
         deadline = requested + self._settings.shutdown_grace_s
-        while self._busy() and self._clock() < deadline:
-            self._wait_for_jobs(min(0.5, max(0.0, deadline - self._clock())))
+        # The whole shutdown fits in the grace (Spot and scale-in kill at 30 s): jobs get all
+        # of it but the last moment, which hands their messages back and lets them stop.
+        hand_back_at = deadline - min(SHUTDOWN_HAND_BACK_S, self._settings.shutdown_grace_s / 2)
+        while self._busy() and self._clock() < hand_back_at:
+            self._wait_for_jobs(min(0.5, max(0.0, hand_back_at - self._clock())))
         with self._lock:
             left = list(self._in_flight.values())
         for item in left:
@@ -1763,10 +2334,10 @@ class Worker:
             log.warning("shutdown grace over: handing %d unfinished messages back to the queue",
                         len(left))
             _quietly(self._queue.release, [item.message for item in left])
-        # Give stopped jobs a moment to notice (they check between parts), bounded.
-        end = self._clock() + 5
-        while self._busy() and self._clock() < end:
-            self._wait_for_jobs(0.2)
+        # Stopped jobs notice between parts and retries; one blocked in I/O is left behind
+        # (the entry point exits without waiting for it): its message is already back.
+        while self._busy() and self._clock() < deadline:
+            self._wait_for_jobs(min(0.2, max(0.0, deadline - self._clock())))
         return not self._busy()
 
     def _busy(self) -> bool:
@@ -1783,7 +2354,7 @@ class Worker:
         outcome = "failed"
         try:
             outcome = self._run_jobs(message, control)
-            self._queue.delete(message)
+            self._acks.add(message)
         except JobStopped as exc:
             outcome = "stopped"
             log.warning("message %s: %s; handing it back", message.message_id, exc)
