@@ -14,6 +14,7 @@ import base64
 import binascii
 import configparser
 import contextlib
+import datetime
 import dataclasses
 import enum
 import fnmatch
@@ -1106,10 +1107,13 @@ class JobQueue:
         self.set_visibility(messages, 0)
 
     def depth(self) -> tuple[int, int]:
-        """(visible, in flight) message counts, approximate as SQS reports them."""
+        """(waiting, in flight) message counts, approximate as SQS reports them; waiting
+        includes delayed messages, which will become visible."""
         attributes = self._sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=[
-            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-        return (int(attributes["ApproximateNumberOfMessages"]),
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed"])["Attributes"]
+        return (int(attributes["ApproximateNumberOfMessages"])
+                + int(attributes.get("ApproximateNumberOfMessagesDelayed", 0)),
                 int(attributes["ApproximateNumberOfMessagesNotVisible"]))
 
 
@@ -1282,6 +1286,16 @@ class UploadedPart:
     crc32c: int | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class UnfinishedUpload:
+    """A multipart upload started at the destination and neither completed nor aborted."""
+
+    bucket: str
+    key: str
+    upload_id: str
+    initiated: datetime.datetime
+
+
 def _goog_header(headers: Mapping[str, str], prefix: str) -> dict[str, str]:
     return {name[len(prefix):]: value for name, value in headers.items() if name.startswith(prefix)}
 
@@ -1343,45 +1357,37 @@ class Destination:
                                        **self._object_args(src))
         _check_md5_etag(response.get("ETag", ""), md5, f"{bucket}/{key}")
 
+    def list_uploads(self, bucket: str, prefix: str = "",
+                     exact: bool = False) -> Iterator[UnfinishedUpload]:
+        """Unfinished multipart uploads under ``prefix`` (of exactly that key with ``exact``).
+
+        botocore's paginator follows the markers and stops on a store that repeats one.
+        """
+        pages = self._s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket,
+                                                                          Prefix=prefix)
+        for page in pages:
+            for upload in page.get("Uploads", ()):
+                if not exact or upload["Key"] == prefix:
+                    yield UnfinishedUpload(bucket, upload["Key"], upload["UploadId"],
+                                           upload["Initiated"])
+
     def find_upload(self, bucket: str, key: str) -> str | None:
         """The newest unfinished multipart upload of exactly ``key``, or None."""
-        newest: tuple[Any, str] | None = None
-        args = {"Bucket": bucket, "Prefix": key}
-        while True:
-            response = self._s3.list_multipart_uploads(**args)
-            for upload in response.get("Uploads", []):
-                if upload["Key"] == key and (newest is None or upload["Initiated"] > newest[0]):
-                    newest = (upload["Initiated"], upload["UploadId"])
-            if not response.get("IsTruncated"):
-                return newest[1] if newest else None
-            args["KeyMarker"] = response.get("NextKeyMarker", "")
-            args["UploadIdMarker"] = response.get("NextUploadIdMarker", "")
-
-    def list_uploads(self, bucket: str, key: str) -> list[str]:
-        """Every unfinished multipart upload id of exactly ``key``."""
-        upload_ids = []
-        args = {"Bucket": bucket, "Prefix": key}
-        while True:
-            response = self._s3.list_multipart_uploads(**args)
-            upload_ids += [u["UploadId"] for u in response.get("Uploads", []) if u["Key"] == key]
-            if not response.get("IsTruncated"):
-                return upload_ids
-            args["KeyMarker"] = response.get("NextKeyMarker", "")
-            args["UploadIdMarker"] = response.get("NextUploadIdMarker", "")
+        newest = max(self.list_uploads(bucket, key, exact=True), key=lambda u: u.initiated,
+                     default=None)
+        return newest.upload_id if newest else None
 
     def list_parts(self, bucket: str, key: str, upload_id: str) -> list[UploadedPart]:
         """Every part already stored for ``upload_id``."""
+        pages = self._s3.get_paginator("list_parts").paginate(Bucket=bucket, Key=key,
+                                                              UploadId=upload_id)
         parts = []
-        args = {"Bucket": bucket, "Key": key, "UploadId": upload_id}
-        while True:
-            response = self._s3.list_parts(**args)
-            for part in response.get("Parts", []):
+        for page in pages:
+            for part in page.get("Parts", ()):
                 etag = part["ETag"].strip('"')
                 parts.append(UploadedPart(number=part["PartNumber"], size=part["Size"], etag=etag,
                                           md5=_md5_from_etag(etag)))
-            if not response.get("IsTruncated"):
-                return parts
-            args["PartNumberMarker"] = response["NextPartNumberMarker"]
+        return parts
 
     def create_upload(self, bucket: str, key: str, src: SourceObject) -> str:
         response = self._s3.create_multipart_upload(Bucket=bucket, Key=key, **self._object_args(src))
@@ -1549,11 +1555,15 @@ def _names(*attributes: str) -> dict[str, str]:
 
 
 def _plain_item(item: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
-    """DynamoDB's typed attributes as plain values (numbers as int)."""
+    """DynamoDB's typed attributes as plain values (whole numbers as int, others as float)."""
     plain: dict[str, Any] = {}
     for name, typed in item.items():
         (kind, value), = typed.items()
-        plain[name] = int(value) if kind == "N" else value
+        if kind == "N":
+            number = float(value)
+            plain[name] = int(number) if number.is_integer() and "." not in value else number
+        else:
+            plain[name] = value
     return plain
 
 
@@ -1870,9 +1880,9 @@ class ObjectCopier:
         """Find an unfinished upload whose parts fit today's plan and today's source object."""
         bucket, key = job.dst_bucket, job.dst_key
         if self._settings.clean_unfinished_upload:
-            for upload_id in self._destination.list_uploads(bucket, key):
+            for upload in list(self._destination.list_uploads(bucket, key, exact=True)):
                 log.info("%s: aborting unfinished upload (CleanUnfinishedUpload)", key)
-                self._destination.abort(bucket, key, upload_id)
+                self._destination.abort(bucket, key, upload.upload_id)
         elif src.size > self._settings.resumable_threshold_bytes:
             upload_id = self._destination.find_upload(bucket, key)
             if upload_id is not None:

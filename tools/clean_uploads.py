@@ -15,7 +15,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging
@@ -38,33 +37,21 @@ log = logging.getLogger("3gsync.clean_uploads")
 DEFAULT_OLDER_THAN_H = 24.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Upload:
-    """One unfinished multipart upload."""
-
-    bucket: str
-    key: str
-    upload_id: str
-    initiated: datetime.datetime
-
-    def age_hours(self, now: datetime.datetime) -> float:
-        return (now - self.initiated).total_seconds() / 3600
-
-
-def list_uploads(s3: Any, bucket: str, prefix: str = "") -> Iterator[Upload]:
-    """Every unfinished multipart upload in ``bucket`` under ``prefix`` (paginated)."""
-    paginator = s3.get_paginator("list_multipart_uploads")
+def list_uploads(s3: Any, bucket: str, prefix: str = "") -> Iterator[lib.UnfinishedUpload]:
+    """Every unfinished multipart upload in ``bucket`` under ``prefix``."""
     try:
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for upload in page.get("Uploads", ()):
-                initiated = upload["Initiated"]
-                if initiated.tzinfo is None:
-                    initiated = initiated.replace(tzinfo=datetime.timezone.utc)
-                yield Upload(bucket, upload["Key"], upload["UploadId"], initiated)
+        yield from lib.Destination(s3, "STANDARD").list_uploads(bucket, prefix)
     except botocore.exceptions.ClientError as exc:
         if lib.error_code(exc) in ("NoSuchBucket", "404"):
             raise toolkit.InputError(f"destination bucket {bucket!r} does not exist") from None
         raise
+
+
+def age_hours(upload: lib.UnfinishedUpload, now: datetime.datetime) -> float:
+    initiated = upload.initiated
+    if initiated.tzinfo is None:
+        initiated = initiated.replace(tzinfo=datetime.timezone.utc)
+    return (now - initiated).total_seconds() / 3600
 
 
 def clean(s3: Any, buckets: Sequence[str], prefix: str, older_than_h: float, dry_run: bool,
@@ -74,7 +61,7 @@ def clean(s3: Any, buckets: Sequence[str], prefix: str, older_than_h: float, dry
     rows = []
     for bucket in buckets:
         for upload in list_uploads(s3, bucket, prefix):
-            age = upload.age_hours(now)
+            age = age_hours(upload, now)
             if age < older_than_h:
                 action = "kept (newer)"
             elif dry_run:
