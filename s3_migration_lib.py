@@ -1471,9 +1471,10 @@ class VersionTable:
             Key={"Key": {"S": job.table_key}},
             UpdateExpression=("SET #versionId = :v, #etag = :e, #Size = :s, #startTime = :t, "
                               "#instanceId = :i, #status = :running, #percent = :zero "
-                              "ADD #tryTimes :one REMOVE #endTime"),
+                              "ADD #tryTimes :one REMOVE #endTime, #uploadId"),
             ExpressionAttributeNames=_names("versionId", "etag", "Size", "startTime", "instanceId",
-                                            "status", "percent", "tryTimes", "endTime"),
+                                            "status", "percent", "tryTimes", "endTime",
+                                            "uploadId"),
             ExpressionAttributeValues={
                 ":v": {"S": src.version_id or NULL_VERSION}, ":e": {"S": src.etag},
                 ":s": {"N": str(src.size)}, ":t": {"N": str(int(time.time()))},
@@ -1483,6 +1484,20 @@ class VersionTable:
             ReturnValues="ALL_OLD",
         )
         return _plain_item(response.get("Attributes", {}))
+
+    def record_upload(self, job: Job, src: SourceObject, upload_id: str) -> None:
+        """Record the multipart upload that holds ``src``'s parts, so that only this upload is
+        ever resumed (begin() forgets it, so a crash in between means a fresh upload, never
+        another version's parts). Conditional on the item still describing ``src``."""
+        try:
+            self._ddb.update_item(
+                TableName=self.name, Key={"Key": {"S": job.table_key}},
+                UpdateExpression="SET #uploadId = :u", ConditionExpression="#etag = :e",
+                ExpressionAttributeNames=_names("uploadId", "etag"),
+                ExpressionAttributeValues={":u": {"S": upload_id}, ":e": {"S": src.etag}})
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
 
     def finish(self, job: Job, src: SourceObject, status: Status) -> bool:
         """Mark the copy of ``src`` done or failed, with ``endTime`` (epoch seconds, usable as
@@ -1877,29 +1892,40 @@ class ObjectCopier:
 
     def _resume_or_create(self, job: Job, src: SourceObject, plan: PartPlan,
                           previous: Mapping[str, Any]) -> tuple[str, dict[int, UploadedPart]]:
-        """Find an unfinished upload whose parts fit today's plan and today's source object."""
+        """Resume the upload the table recorded for this very source object (same ETag) when
+        its parts fit today's plan; otherwise start a new upload and record it."""
         bucket, key = job.dst_bucket, job.dst_key
         if self._settings.clean_unfinished_upload:
             for upload in list(self._destination.list_uploads(bucket, key, exact=True)):
                 log.info("%s: aborting unfinished upload (CleanUnfinishedUpload)", key)
                 self._destination.abort(bucket, key, upload.upload_id)
         elif src.size > self._settings.resumable_threshold_bytes:
-            upload_id = self._destination.find_upload(bucket, key)
-            if upload_id is not None:
-                kept = self._usable_parts(job, src, plan, previous, upload_id)
+            if previous.get("etag") == src.etag and previous.get("uploadId"):
+                upload_id = previous["uploadId"]
+                kept = self._usable_parts(job, plan, upload_id)
                 if kept is not None:
+                    self._versions.record_upload(job, src, upload_id)
                     return upload_id, kept
-                self._destination.abort(bucket, key, upload_id)
-        return self._destination.create_upload(bucket, key, src), {}
+                _quietly(self._destination.abort, bucket, key, upload_id)
+            elif previous.get("etag") not in (None, src.etag):
+                for upload in list(self._destination.list_uploads(bucket, key, exact=True)):
+                    log.info("%s: unfinished upload was of another source version; aborting it",
+                             key)
+                    self._destination.abort(bucket, key, upload.upload_id)
+        upload_id = self._destination.create_upload(bucket, key, src)
+        self._versions.record_upload(job, src, upload_id)
+        return upload_id, {}
 
-    def _usable_parts(self, job: Job, src: SourceObject, plan: PartPlan,
-                      previous: Mapping[str, Any], upload_id: str) -> dict[int, UploadedPart] | None:
+    def _usable_parts(self, job: Job, plan: PartPlan,
+                      upload_id: str) -> dict[int, UploadedPart] | None:
         """Parts of ``upload_id`` to keep, or None when the upload must be started again."""
-        if previous.get("etag") != src.etag:
-            log.info("%s: unfinished upload was of another source version; starting again",
-                     job.dst_key)
+        try:
+            listed = self._destination.list_parts(job.dst_bucket, job.dst_key, upload_id)
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) not in ("NoSuchUpload", "404"):
+                raise
+            log.info("%s: recorded upload is gone; starting again", job.dst_key)
             return None
-        listed = self._destination.list_parts(job.dst_bucket, job.dst_key, upload_id)
         kept = {}
         for part in listed:
             if part.number > plan.count or part.size != plan.part_range(part.number)[1]:

@@ -112,7 +112,9 @@ def _dead_worker_upload(cloud, key: str, data: bytes, part_size: int, parts: lis
         if record_etag != "source":
             src = lib.dataclasses.replace(src, etag=record_etag)
         job = lib.Job(cloud.src_bucket, key, len(data), cloud.dest_bucket, key)
-        lib.VersionTable(cloud.clients.dynamodb, cloud.table_name).begin(job, src, "dead-worker")
+        table = lib.VersionTable(cloud.clients.dynamodb, cloud.table_name)
+        table.begin(job, src, "dead-worker")
+        table.record_upload(job, src, upload_id)
     return upload_id
 
 
@@ -157,6 +159,20 @@ def test_changed_chunk_size_restarts_the_upload(cloud, tmp_config, dest_proxy):
     assert uploaded_part_numbers(dest_proxy) == [1, 2, 3, 4]
     uploads = cloud.clients.dest_s3.list_multipart_uploads(Bucket=cloud.dest_bucket)
     assert old not in {u["UploadId"] for u in uploads.get("Uploads", [])}
+
+
+def test_an_upload_the_table_does_not_name_is_not_resumed(cloud, tmp_config, dest_proxy):
+    # A worker recorded its start, then died before recording its upload: the parts at the
+    # destination may be anyone's, so the copy starts a new upload.
+    data = data_of(12 * MiB, 12)
+    cloud.upload("unnamed.bin", data, part_size=8 * MiB)
+    _dead_worker_upload(cloud, "unnamed.bin", data, 5 * MiB, parts=[1, 2])
+    src = lib.Source(cloud.clients.src_s3).head(cloud.src_bucket, "unnamed.bin")
+    job = lib.Job(cloud.src_bucket, "unnamed.bin", len(data), cloud.dest_bucket, "unnamed.bin")
+    lib.VersionTable(cloud.clients.dynamodb, cloud.table_name).begin(job, src, "dead-worker")
+    run_until_empty(tmp_config(DestEndPointURL=dest_proxy.endpoint_url))
+    cloud.assert_copied(["unnamed.bin"])
+    assert uploaded_part_numbers(dest_proxy) == [1, 2, 3]
 
 
 def test_upload_of_another_source_version_is_not_resumed(cloud, tmp_config, dest_proxy):
