@@ -491,15 +491,7 @@ def print_summary(summary: Mapping[str, Any], args: argparse.Namespace) -> None:
         return
     if summary["files"]:
         print(summary_table(summary), file=stream)
-    total = summary["total"] or {"sent": 0, "sent_bytes": 0}
-    verb = "would send" if args.dry_run else "sent"
-    line = (f"{verb} {total['sent']:,} jobs ({toolkit.human_bytes(total['sent_bytes'])}) to queue "
-            f"{summary['queue']} in {summary['seconds']:.1f} s")
-    if summary["journal"]:
-        line += f"; journal: {summary['journal']}"
-    if not summary["complete"]:
-        line += "; INCOMPLETE: stopped early, the journal lists every job sent"
-    print(line, file=stream)
+    print(toolkit.sent_line(summary, args.dry_run), file=stream)
 
 
 if __name__ == "__main__":

@@ -654,15 +654,7 @@ def print_summary(summary: Mapping[str, Any], args: argparse.Namespace, versions
         print(json.dumps(summary, sort_keys=True), file=stream)
         return
     print(summary_table(summary, versions), file=stream)
-    total = summary["total"]
-    verb = "would send" if args.dry_run else "sent"
-    line = (f"{verb} {total['sent']:,} jobs ({toolkit.human_bytes(total['sent_bytes'])}) "
-            f"to queue {summary['queue']} in {summary['seconds']:.1f} s")
-    if summary["journal"]:
-        line += f"; journal: {summary['journal']}"
-    if not summary["complete"]:
-        line += "; INCOMPLETE: the run stopped early, the journal lists every job sent"
-    print(line, file=stream)
+    print(toolkit.sent_line(summary, args.dry_run), file=stream)
 
 
 if __name__ == "__main__":

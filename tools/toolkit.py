@@ -24,7 +24,7 @@ import queue
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
 import botocore.config
 import botocore.exceptions
@@ -253,6 +253,20 @@ def human_bytes(size: float) -> str:
             return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def sent_line(summary: Mapping[str, Any], dry_run: bool) -> str:
+    """The closing line of a run that sends jobs: how many, how many bytes, where, the journal,
+    and whether the run stopped early."""
+    total = summary["total"] or {"sent": 0, "sent_bytes": 0}
+    verb = "would send" if dry_run else "sent"
+    line = (f"{verb} {total['sent']:,} jobs ({human_bytes(total['sent_bytes'])}) to queue "
+            f"{summary['queue']} in {summary['seconds']:.1f} s")
+    if summary["journal"]:
+        line += f"; journal: {summary['journal']}"
+    if not summary["complete"]:
+        line += "; INCOMPLETE: the run stopped early, the journal lists every job sent"
+    return line
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
