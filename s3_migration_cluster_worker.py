@@ -86,9 +86,11 @@ def install_signal_handlers(worker: lib.Worker, grace_s: int) -> None:
                       "visibility timeout", signal.Signals(signum).name)
             logging.shutdown()
             os._exit(lib.EXIT_FORCED)
+        # Stop first, log second: a second signal can interrupt this handler mid-logging, and
+        # it must then find the worker stopping and exit at once.
+        worker.request_stop()
         log.warning("%s: taking no new messages, finishing running jobs for up to %ss",
                     signal.Signals(signum).name, grace_s)
-        worker.request_stop()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
