@@ -140,7 +140,7 @@ def test_three_workers_copy_2000_small_and_20_multipart_objects_once(load_cloud,
     workers = [WorkerProcess(config, env) for _ in range(WORKERS)]
     try:
         feed(cloud, bodies, workers)
-        poll_until(lambda: tuple(cloud.queue_depths()) == (0, 0, 0), 120, "queue drained",
+        poll_until(lambda: tuple(cloud.queue_depths()) == (0, 0, 0), 300, "queue drained",
                    interval_s=0.5)
         timings["copy"] = time.monotonic() - started
         for w in workers:   # daemons: stop them as an operator would

@@ -135,7 +135,7 @@ records = st.lists(st.tuples(buckets, keys, object_sizes, versions, st.booleans(
 
 
 @given(items=records, prefix=prefixes, wrap=st.sampled_from(["plain", "sns"]))
-@settings(max_examples=300)
+@settings(max_examples=150)
 def test_s3_events_round_trip_any_key(items, prefix, wrap):
     body = json.dumps({"Records": [s3_record(*item) for item in items]})
     if wrap == "sns":
@@ -166,7 +166,7 @@ jobs = st.builds(lib.Job, src_bucket=buckets, src_key=keys, size=object_sizes, d
 
 
 @given(job=jobs)
-@settings(max_examples=300)
+@settings(max_examples=150)
 def test_jobsender_messages_round_trip(job):
     assert lib.parse_message(lib.jobsender_message(job), "", "") == [job]
 
@@ -228,7 +228,7 @@ def test_any_text_parses_or_is_malformed(body):
 
 
 @given(value=shaped_values)
-@settings(max_examples=500)
+@settings(max_examples=200)
 def test_any_json_of_the_known_shapes_parses_or_is_malformed(value):
     assert_parses_or_is_malformed(json.dumps(value))
 
@@ -256,7 +256,7 @@ VALID = [
 
 @given(which=st.integers(0, len(VALID) - 1), pick=st.integers(0, 10 ** 6),
        replacement=st.one_of(st.just("<delete>"), json_values))
-@settings(max_examples=500)
+@settings(max_examples=300)
 def test_a_valid_message_with_any_field_broken_parses_or_is_malformed(which, pick, replacement):
     document = json.loads(json.dumps(VALID[which]))
     paths = [p for p in _paths(document) if p]
