@@ -1371,12 +1371,6 @@ class Destination:
                     yield UnfinishedUpload(bucket, upload["Key"], upload["UploadId"],
                                            upload["Initiated"])
 
-    def find_upload(self, bucket: str, key: str) -> str | None:
-        """The newest unfinished multipart upload of exactly ``key``, or None."""
-        newest = max(self.list_uploads(bucket, key, exact=True), key=lambda u: u.initiated,
-                     default=None)
-        return newest.upload_id if newest else None
-
     def list_parts(self, bucket: str, key: str, upload_id: str) -> list[UploadedPart]:
         """Every part already stored for ``upload_id``."""
         pages = self._s3.get_paginator("list_parts").paginate(Bucket=bucket, Key=key,
