@@ -140,8 +140,15 @@ def test_three_workers_copy_2000_small_and_20_multipart_objects_once(load_cloud,
     workers = [WorkerProcess(config, env) for _ in range(WORKERS)]
     try:
         feed(cloud, bodies, workers)
-        poll_until(lambda: tuple(cloud.queue_depths()) == (0, 0, 0), 300, "queue drained",
-                   interval_s=0.5)
+        try:
+            poll_until(lambda: tuple(cloud.queue_depths()) == (0, 0, 0), 300, "queue drained",
+                       interval_s=0.5)
+        except TimeoutError:
+            problems = [line for w in workers for line in w.lines
+                        if " WARNING " in line or " ERROR " in line]
+            raise AssertionError(f"queue not drained: {cloud.queue_depths()}, "
+                                 f"{jobs_ended(workers)} jobs ended, {len(problems)} warnings:\n"
+                                 + "\n".join(problems[-20:])) from None
         timings["copy"] = time.monotonic() - started
         for w in workers:   # daemons: stop them as an operator would
             w.signal(signal.SIGTERM)
