@@ -13,12 +13,15 @@ test gives DynamoDB a server of its own and the two can use both cores.
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 
 from tools.local_cloud import LOOPBACK, MotoServer
 
-_LOCKED_SQS = """
-import sys
+# moto.server with Queue.delete_message under the queue's lock; like LocalCloud's servers it
+# stops itself once its stdin closes (the process that started it is gone, even by SIGKILL).
+_LOCKED_SQS = """\
+import os, signal, sys, threading
 from moto.sqs import models
 
 _delete_message = models.Queue.delete_message
@@ -29,7 +32,13 @@ def delete_message(self, receipt_handle):
         _delete_message(self, receipt_handle)
 
 
+def stop_when_parent_is_gone():
+    sys.stdin.buffer.read()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 models.Queue.delete_message = delete_message
+threading.Thread(target=stop_when_parent_is_gone, daemon=True).start()
 from moto.server import main
 main(sys.argv[1:])
 """
@@ -38,9 +47,19 @@ main(sys.argv[1:])
 class LockedMotoServer(MotoServer):
     """A moto server whose SQS deletes cannot lose a concurrent send or delete."""
 
-    @staticmethod
-    def _command(port: int) -> list[str]:
-        return [sys.executable, "-c", _LOCKED_SQS, "-H", LOOPBACK, "-p", str(port)]
+    def _spawn(self, port: int) -> None:
+        command = [sys.executable, "-c", _LOCKED_SQS, "-H", LOOPBACK, "-p", str(port)]
+        output = subprocess.DEVNULL
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_path, "ab")
+        try:
+            self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=output,
+                                          stderr=subprocess.STDOUT)
+        finally:
+            if output is not subprocess.DEVNULL:
+                output.close()
+        self.port = port
 
 
 def create_table_like(cloud, dynamodb) -> None:
