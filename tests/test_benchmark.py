@@ -65,3 +65,22 @@ def test_command_line_sets_and_sizes():
     assert benchmark.parse_size("1.5MB") == 1_500_000
     with pytest.raises(ValueError, match="chunk-size"):
         benchmark.BenchConfig(sets=config.sets, chunk_size_mb=4).validate()
+
+
+def test_feeder_counts_job_ends_from_whole_log_lines_as_the_logs_grow(tmp_path):
+    logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
+    feeder = benchmark.Feeder(sqs=None, queue_url="", bodies=[], window=4, logs=logs)
+    line = b"2026-11-26 06:31:24,412 INFO job_1 s3_migration_lib: job end key=k outcome=copied\n"
+    start = b"2026-11-26 06:31:24,400 INFO job_1 s3_migration_lib: job start key=k size=1\n"
+
+    feeder._count_ended()                       # no log yet: nothing ended
+    logs[0].write_bytes(start + line + line[:30])
+    feeder._count_ended()
+    assert feeder.ended == 1                    # the half-written line is not counted yet
+    with logs[0].open("ab") as handle:
+        handle.write(line[30:] + line)
+    logs[1].write_bytes(line)
+    feeder._count_ended()
+    assert feeder.ended == 4
+    feeder._count_ended()
+    assert feeder.ended == 4                    # nothing counted twice
