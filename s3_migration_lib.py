@@ -52,6 +52,10 @@ SQS_MAX_VISIBILITY_S = 12 * 3600
 METADATA_TIMEOUT_S = 0.5
 SHUTDOWN_HAND_BACK_S = 1.0   # of ShutdownGrace, kept to hand unfinished messages back
 NULL_VERSION = "null"
+# A table record of another source version that ended less than this long before a single-PUT
+# copy began (or is still running) means the two copies may have raced: look again. Covers
+# clock skew between workers, which write their own endTime and startTime.
+RACE_WINDOW_S = 60
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -1493,6 +1497,50 @@ class VersionTable:
             if error_code(exc) != "ConditionalCheckFailedException":
                 raise
 
+    def record_single(self, job: Job, src: SourceObject, instance_id: str, started_s: int,
+                      status: Status) -> dict[str, Any]:
+        """The one write of a copy by a single PUT, made after the PUT (or its failure):
+        begin's and finish's attributes in one UpdateItem, ``tryTimes`` counted with ADD.
+        Returns the item as it was before, from which the caller tells whether another version
+        was copied meanwhile (``raced``): the race check that begin + a conditional finish give
+        a multipart copy, for half the writes.
+
+        ``done`` is written whatever the item held (the caller looks again on a race); a
+        ``failed`` is not written over another version's running copy, nor over this version's
+        ``done`` (a worker that lost a race must not undo the winner's record)."""
+        done = status is Status.DONE
+        condition = {} if done else {"ConditionExpression": (
+            "NOT (#status = :running AND #etag <> :e) AND NOT (#status = :done AND #etag = :e)")}
+        try:
+            response = self._ddb.update_item(
+                TableName=self.name,
+                Key={"Key": {"S": job.table_key}},
+                UpdateExpression=("SET #versionId = :v, #etag = :e, #Size = :s, #startTime = :t0, "
+                                  "#endTime = :t1, #instanceId = :i, #status = :status, "
+                                  "#percent = :pct ADD #tryTimes :one REMOVE #uploadId"),
+                ExpressionAttributeNames=_names("versionId", "etag", "Size", "startTime",
+                                                "endTime", "instanceId", "status", "percent",
+                                                "tryTimes", "uploadId"),
+                ExpressionAttributeValues={
+                    ":v": {"S": src.version_id or NULL_VERSION}, ":e": {"S": src.etag},
+                    ":s": {"N": str(src.size)}, ":t0": {"N": str(started_s)},
+                    ":t1": {"N": str(int(time.time()))}, ":i": {"S": instance_id},
+                    ":status": {"S": status.value}, ":pct": {"N": "100" if done else "0"},
+                    ":one": {"N": "1"},
+                    **({} if done else {":running": {"S": Status.RUNNING.value},
+                                        ":done": {"S": Status.DONE.value}}),
+                },
+                ReturnValues="ALL_OLD",
+                **condition,
+            )
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            log.debug("table: %s records another version's copy or is done already; %s not "
+                      "recorded", job.table_key, status.value)
+            return {}
+        return _plain_item(response.get("Attributes", {}))
+
     def finish(self, job: Job, src: SourceObject, status: Status) -> bool:
         """Mark the copy of ``src`` done or failed, with ``endTime`` (epoch seconds, usable as
         the table's TTL attribute). Returns whether it was written.
@@ -1526,8 +1574,10 @@ class VersionTable:
     def confirm(self, job: Job, src: SourceObject, instance_id: str) -> bool:
         """The destination already holds ``src`` (a duplicate delivery): record it as done,
         creating the item when there is none (copied earlier by other means, or removed by the
-        TTL), so a JobsenderCompareVersionId run does not send it again. Conditional: an item of
-        another source object, or one already done, is left as it is. Returns whether written."""
+        TTL), so a JobsenderCompareVersionId run does not send it again. Conditional: another
+        version's running copy, or this version already done, is left as it is; another
+        version's ended record is replaced (the destination holds this one). Returns whether
+        written."""
         now = {"N": str(int(time.time()))}
         try:
             self._ddb.update_item(
@@ -1537,13 +1587,15 @@ class VersionTable:
                                   "#status = :done, #percent = :pct, #endTime = :t, "
                                   "#startTime = if_not_exists(#startTime, :t)"),
                 ConditionExpression=("attribute_not_exists(#etag) "
-                                     "OR (#etag = :e AND #status <> :done)"),
+                                     "OR (#etag = :e AND #status <> :done) "
+                                     "OR (#etag <> :e AND #status <> :running)"),
                 ExpressionAttributeNames=_names("versionId", "etag", "Size", "instanceId",
                                                 "status", "percent", "endTime", "startTime"),
                 ExpressionAttributeValues={
                     ":v": {"S": src.version_id or NULL_VERSION}, ":e": {"S": src.etag},
                     ":s": {"N": str(src.size)}, ":i": {"S": instance_id},
                     ":done": {"S": Status.DONE.value}, ":pct": {"N": "100"}, ":t": now,
+                    ":running": {"S": Status.RUNNING.value},
                 },
             )
             return True
@@ -1742,18 +1794,21 @@ class ObjectCopier:
         longer the current one is acknowledged without a copy when the destination already
         holds the current version, so a late or redelivered event never puts an older version
         back. After a copy the source is HEADed again, and a newer version copied too, with
-        UpdateVersionId, and whenever another worker has begun another version of the object
-        meanwhile (the conditional finish tells).
+        UpdateVersionId, and whenever the table shows another version copied meanwhile (a
+        multipart copy's conditional finish fails; a single PUT's record replaced another
+        version's recent one: the next round looks at source and destination again).
         """
         if job.action is Action.DELETE:
             return self._delete(job)
         wanted = self._requested_version(job)
+        settled = Outcome.DUPLICATE     # what the destination holding the object means now
         for attempt in range(1, self._settings.max_retry + 1):
+            started_s = int(time.time())
             src, data = self._describe(job, wanted)
             existing = self._destination.head(job.dst_bucket, job.dst_key)
             if existing is not None and _holds(existing, src):
                 _quietly(self._versions.confirm, job, src, self._instance_id)
-                return Outcome.DUPLICATE
+                return settled
             if wanted is not None and existing is not None:
                 try:
                     current = self._source.head(job.src_bucket, job.src_key)
@@ -1763,27 +1818,55 @@ class ObjectCopier:
                     log.info("s3://%s/%s: version %s is not the current one any more and the "
                              "destination holds the current one (%s); nothing to copy",
                              job.src_bucket, job.src_key, wanted, current.version_id)
-                    return Outcome.DUPLICATE
-            previous = self._versions.begin(job, src, self._instance_id)
+                    return settled
+            single = src.size <= self._settings.chunk_size_bytes
+            previous = {} if single else self._versions.begin(job, src, self._instance_id)
             try:
-                self._copy(job, src, previous, control, data)
+                if single:
+                    self._copy_single(job, src, control, data)
+                else:
+                    self._copy_multipart(job, src, previous, control)
             except SourceChanged as exc:
-                _quietly(self._versions.finish, job, src, Status.FAILED)
+                self._record_failure(job, src, single, started_s)
                 if attempt == self._settings.max_retry:
                     raise
                 log.info("%s: %s; starting again with the new version", job.dst_key, exc)
                 continue
             except BaseException:
-                _quietly(self._versions.finish, job, src, Status.FAILED)
+                self._record_failure(job, src, single, started_s)
                 raise
-            recorded = self._versions.finish(job, src, Status.DONE)
-            if (recorded and not self._settings.update_version_id) or self._still_current(job, src):
-                return Outcome.COPIED
+            settled = Outcome.COPIED
+            if self._record_done(job, src, single, started_s):
+                return settled
+            # Another version may have reached the destination after this one: the next round
+            # describes the source again and copies unless the destination holds its current
+            # version.
             wanted = None   # from now on the job follows the source's current version
-            log.info("s3://%s/%s changed while version %s was copied; copying the current "
-                     "version", job.src_bucket, job.src_key, src.version_id or src.etag)
+            log.info("s3://%s/%s: another version was copied while version %s was; looking "
+                     "again", job.src_bucket, job.src_key, src.version_id or src.etag)
         raise SourceChanged(f"s3://{job.src_bucket}/{job.src_key} kept changing during "
                             f"{self._settings.max_retry} copies")
+
+    def _record_done(self, job: Job, src: SourceObject, single: bool, started_s: int) -> bool:
+        """Record a finished copy; returns whether it stands. It does not when another version
+        was copied meanwhile (a single PUT's record says so; a multipart copy's conditional
+        finish is refused because another copy has begun since) and the source has moved on,
+        or, with UpdateVersionId, whenever the source has moved on."""
+        if single:
+            before = self._versions.record_single(job, src, self._instance_id, started_s,
+                                                  Status.DONE)
+            if raced(before, src, started_s):
+                return False    # the next round looks at the source and destination again
+            return not self._settings.update_version_id or self._still_current(job, src)
+        recorded = self._versions.finish(job, src, Status.DONE)
+        return (recorded and not self._settings.update_version_id) or self._still_current(job, src)
+
+    def _record_failure(self, job: Job, src: SourceObject, single: bool, started_s: int) -> None:
+        if single:
+            _quietly(self._versions.record_single, job, src, self._instance_id, started_s,
+                     Status.FAILED)
+        else:
+            _quietly(self._versions.finish, job, src, Status.FAILED)
 
     def _requested_version(self, job: Job) -> str | None:
         """The version to HEAD and copy: the job's with GetObjectWithVersionId, unless
@@ -1829,13 +1912,6 @@ class ObjectCopier:
             if self._source.bucket_missing(job.src_bucket):
                 raise CopyError(f"source bucket {job.src_bucket} does not exist") from None
             raise
-
-    def _copy(self, job: Job, src: SourceObject, previous: Mapping[str, Any],
-              control: JobControl, data: bytes | None = None) -> None:
-        if src.size <= self._settings.chunk_size_bytes:
-            self._copy_single(job, src, control, data)
-        else:
-            self._copy_multipart(job, src, previous, control)
 
     # -- small objects ---------------------------------------------------------------------------
     def _copy_single(self, job: Job, src: SourceObject, control: JobControl,
@@ -2009,6 +2085,17 @@ class ObjectCopier:
         if problem:
             _quietly(self._destination.delete, job.dst_bucket, job.dst_key)
             raise IntegrityError(f"{job.dst_bucket}/{job.dst_key}: {problem}; object removed")
+
+
+def raced(previous: Mapping[str, Any], src: SourceObject, started_s: int) -> bool:
+    """Whether the table item as it was before a single-PUT copy's record shows another
+    source version's copy running, or ended within RACE_WINDOW_S of this copy's start: then
+    the destination may hold either version, whichever PUT came last."""
+    if not previous or previous.get("etag") == src.etag:
+        return False
+    if previous.get("status") == Status.RUNNING.value:
+        return True
+    return previous.get("endTime", 0) >= started_s - RACE_WINDOW_S
 
 
 def _holds(existing: DestinationObject, src: SourceObject) -> bool:

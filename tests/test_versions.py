@@ -9,7 +9,9 @@ with SIGKILL while one of its parts is held in the proxy.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import logging
 import random
 import threading
@@ -20,7 +22,7 @@ import pytest
 import s3_migration_lib as lib
 from tests.support.proxy import FaultProxy, Reset, s3_error
 from tests.support.workers import WorkerProcess, run_until_empty, set_cloud_environment
-from tools.local_cloud import s3_event
+from tools.local_cloud import poll_until, s3_event
 
 MiB = lib.MiB
 KEY = "video/moving.bin"
@@ -356,9 +358,98 @@ def test_try_times_is_atomic_and_finish_is_conditional(cloud):
     # A duplicate delivery confirms a copy a dead worker completed but never marked done...
     assert table.confirm(job, _src("c" * 32, "v3"), "worker-4")
     assert table.get(job.table_key)["status"] == "done"
-    # ...but never overwrites the record of another source version.
-    assert not table.confirm(job, _src("a" * 32), "worker-5")
+    # ...and records the version the destination holds over another version's ended copy...
+    assert table.confirm(job, _src("a" * 32), "worker-5")
+    assert table.get(job.table_key)["etag"] == "a" * 32
+    # ...but never over another version's running copy.
+    table.begin(job, _src("d" * 32, "v4"), "worker-6")
+    assert not table.confirm(job, _src("a" * 32), "worker-7")
+    assert table.get(job.table_key)["etag"] == "d" * 32
+
+
+def test_a_single_put_copy_is_recorded_in_one_write_that_shows_a_race(cloud):
+    calls = []
+    cloud.clients.dynamodb.meta.events.register(
+        "before-parameter-build.dynamodb",
+        lambda model, params, **_: calls.append(model.name))
+    table = lib.VersionTable(cloud.clients.dynamodb, cloud.table_name)
+    job = lib.Job("src-bucket", "k", 10, "dest-bucket", "k")
+    now = int(lib.time.time())
+
+    before = table.record_single(job, _src("a" * 32), "worker-1", now - 5, lib.Status.DONE)
+    assert before == {} and not lib.raced(before, _src("a" * 32), now - 5)
+    item = table.get(job.table_key)
+    assert (item["etag"], item["status"], item["percent"], item["tryTimes"]) == (
+        "a" * 32, "done", 100, 1)
+    assert item["startTime"] == now - 5 <= item["endTime"]
+    assert calls == ["UpdateItem", "GetItem"]
+    # The same version again (a retry, a duplicate): counted, no race.
+    before = table.record_single(job, _src("a" * 32), "worker-2", now, lib.Status.DONE)
+    assert not lib.raced(before, _src("a" * 32), now)
+    assert table.get(job.table_key)["tryTimes"] == 2
+    # Another version recorded while this copy ran: a race, whichever PUT landed last.
+    before = table.record_single(job, _src("b" * 32, "v2"), "worker-3", now - 1, lib.Status.DONE)
+    assert before["etag"] == "a" * 32 and lib.raced(before, _src("b" * 32, "v2"), now - 1)
+    # A failure never replaces this version's done record, nor another version's running copy.
+    assert table.record_single(job, _src("b" * 32, "v2"), "w", now, lib.Status.FAILED) == {}
+    assert table.get(job.table_key)["status"] == "done"
+    table.begin(job, _src("c" * 32, "v3"), "worker-4")
+    assert table.record_single(job, _src("b" * 32, "v2"), "w", now, lib.Status.FAILED) == {}
     assert table.get(job.table_key)["etag"] == "c" * 32
+    # A multipart copy of another version running is a race; a record of one that ended
+    # before this copy began (less the clock-skew window) is not.
+    running = {"etag": "c" * 32, "status": "running", "startTime": now - 7200}
+    assert lib.raced(running, _src("a" * 32), now)
+    ended = {"etag": "c" * 32, "status": "done", "endTime": now - lib.RACE_WINDOW_S - 1}
+    assert not lib.raced(ended, _src("a" * 32), now)
+    assert lib.raced({**ended, "endTime": now - lib.RACE_WINDOW_S}, _src("a" * 32), now)
+
+
+@pytest.mark.cloud(versioned=True, notify=False)
+def test_an_older_versions_put_that_lands_last_is_put_right(cloud, tmp_config, dest_proxy,
+                                                            caplog):
+    """Two workers copy two versions of one small object; the older version's PUT is held in
+    the proxy until the newer version's copy is recorded, so the older lands last. Its worker
+    sees the other version in the table, looks again and copies the current version."""
+    key = "small/racing.txt"
+    old, new = data_of(100_000, 7), data_of(100_000, 8)
+    cloud.clients.src_s3.put_object(Bucket=cloud.src_bucket, Key=key, Body=old)
+    cloud.send_message(s3_event(cloud.src_bucket, key, len(old)))
+    old_md5 = base64.b64encode(hashlib.md5(old).digest()).decode()
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_old_put(request):
+        if request.method == "PUT" and request.headers.get("Content-MD5") == old_md5 \
+                and not release.is_set():
+            held.set()
+            release.wait(30)
+        return None
+
+    dest_proxy.fault = hold_the_old_put
+    caplog.set_level(logging.INFO, logger="s3_migration_lib")
+    config = tmp_config(DestEndPointURL=dest_proxy.endpoint_url, MaxParallelFile=1)
+    workers: dict[str, lib.Worker] = {}
+    first = threading.Thread(target=lambda: workers.update(first=run_until_empty(config)))
+    first.start()
+    try:
+        assert held.wait(30), "the first worker's PUT never reached the proxy"
+        newer = cloud.clients.src_s3.put_object(Bucket=cloud.src_bucket, Key=key, Body=new)
+        cloud.send_message(s3_event(cloud.src_bucket, key, len(new)))
+        second = threading.Thread(target=lambda: workers.update(second=run_until_empty(config)))
+        second.start()
+        poll_until(lambda: table_item(cloud, key).get("etag") == newer["ETag"].strip('"'),
+                   30, "the newer version's copy to be recorded")
+        assert dest_bytes(cloud, key) == new
+    finally:
+        release.set()
+        first.join(60)
+    second.join(60)
+    assert dest_bytes(cloud, key) == new
+    assert workers["first"].counts == {"copied": 1} and workers["second"].counts == {"copied": 1}
+    assert "another version was copied while version" in caplog.text
+    item = table_item(cloud, key)
+    assert (item["etag"], item["status"]) == (newer["ETag"].strip('"'), "done")
+    assert tuple(cloud.queue_depths()) == (0, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
