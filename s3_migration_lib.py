@@ -1963,7 +1963,8 @@ class ObjectCopier:
     def _resume_or_create(self, job: Job, src: SourceObject, plan: PartPlan,
                           previous: Mapping[str, Any]) -> tuple[str, dict[int, UploadedPart]]:
         """Resume the upload the table recorded for this very source object (same ETag) when
-        its parts fit today's plan; otherwise start a new upload and record it."""
+        its parts fit today's plan; otherwise start a new upload and record it (when
+        resumable)."""
         bucket, key = job.dst_bucket, job.dst_key
         if self._settings.clean_unfinished_upload:
             for upload in list(self._destination.list_uploads(bucket, key, exact=True)):
@@ -1983,7 +1984,9 @@ class ObjectCopier:
                              key)
                     self._destination.abort(bucket, key, upload.upload_id)
         upload_id = self._destination.create_upload(bucket, key, src)
-        self._versions.record_upload(job, src, upload_id)
+        if src.size > self._settings.resumable_threshold_bytes:
+            # Only a resumable copy is ever resumed; a smaller one aborts its upload on failure.
+            self._versions.record_upload(job, src, upload_id)
         return upload_id, {}
 
     def _usable_parts(self, job: Job, plan: PartPlan,

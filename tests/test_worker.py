@@ -192,6 +192,10 @@ def test_below_resumable_threshold_a_copy_starts_again(cloud, tmp_config, dest_p
     run_until_empty(tmp_config(DestEndPointURL=dest_proxy.endpoint_url, ResumableThreshold=50))
     cloud.assert_copied(["small-large.bin"])
     assert uploaded_part_numbers(dest_proxy) == [1, 2, 3]
+    # Nothing will resume an upload below the threshold: the table is not told its id.
+    item = lib.VersionTable(cloud.clients.dynamodb, cloud.table_name).get(
+        f"{cloud.src_bucket}/small-large.bin")
+    assert item["status"] == "done" and "uploadId" not in item
 
 
 def test_duplicate_deliveries_copy_once(cloud, tmp_config, dest_proxy):
