@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -1804,8 +1804,11 @@ class ObjectCopier:
         settled = Outcome.DUPLICATE     # what the destination holding the object means now
         for attempt in range(1, self._settings.max_retry + 1):
             started_s = int(time.time())
+            # The duplicate check's HEAD goes out while the source is read: one round trip
+            # less before a small object's PUT.
+            lookup = _in_background(self._destination.head, job.dst_bucket, job.dst_key)
             src, data = self._describe(job, wanted)
-            existing = self._destination.head(job.dst_bucket, job.dst_key)
+            existing = lookup.result()
             if existing is not None and _holds(existing, src):
                 _quietly(self._versions.confirm, job, src, self._instance_id)
                 return settled
@@ -2107,6 +2110,23 @@ def _holds(existing: DestinationObject, src: SourceObject) -> bool:
         return False
     recorded_version = existing.metadata.get(META_SOURCE_VERSION)
     return src.version_id is None or recorded_version in (None, src.version_id)
+
+
+def _in_background(fn: Callable[..., Any], *args: Any) -> "Future[Any]":
+    """``fn(*args)`` on a thread of its own; the Future holds its result or exception. For a
+    request that can overlap another (its client's timeouts bound it)."""
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=f"{threading.current_thread().name}-lookup",
+                     daemon=True).start()
+    return future
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> None:
