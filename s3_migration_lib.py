@@ -1851,10 +1851,11 @@ class ObjectCopier:
                             f"{self._settings.max_retry} copies")
 
     def _record_done(self, job: Job, src: SourceObject, single: bool, started_s: int) -> bool:
-        """Record a finished copy; returns whether it stands. It does not when another version
-        was copied meanwhile (a single PUT's record says so; a multipart copy's conditional
-        finish is refused because another copy has begun since) and the source has moved on,
-        or, with UpdateVersionId, whenever the source has moved on."""
+        """Record a finished copy; returns whether it stands. A single PUT whose record
+        replaced another version's recent one does not (the next round compares source and
+        destination again); a multipart copy whose conditional finish was refused (another
+        copy began since) stands if its version is still the source's current one. With
+        UpdateVersionId a copy stands only while its version is the current one."""
         if single:
             before = self._versions.record_single(job, src, self._instance_id, started_s,
                                                   Status.DONE)
